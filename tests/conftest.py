@@ -1,0 +1,131 @@
+"""Tiny random models of every supported architecture, with a real (small) tokenizer and chat template.
+
+They are saved to disk as safetensors directories, so the tests go through the
+same loading path as users' models. Building all of them takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+H, LAYERS, HEADS = 64, 5, 4
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from abliterate.prompts import load_prompts
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = list(load_prompts("builtin:harmful").prompts + load_prompts("builtin:harmless").prompts)
+    tok.train_from_iterator(corpus * 2, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token=None, unk_token=None)
+    fast.chat_template = CHATML
+    return fast
+
+
+def _common(vocab: int) -> dict:
+    return dict(vocab_size=vocab, hidden_size=H, intermediate_size=128, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=256,
+                eos_token_id=2, pad_token_id=0, bos_token_id=None)
+
+
+def make_config(arch: str, vocab: int):
+    from transformers import (Gemma2Config, Gemma3Config, Gemma3TextConfig, GPT2Config, LlamaConfig,
+                              MistralConfig, Phi3Config, Qwen2Config, Qwen3Config, Qwen3MoeConfig)
+
+    c = _common(vocab)
+    if arch == "llama":
+        return LlamaConfig(**c, tie_word_embeddings=False)
+    if arch == "llama_tied":
+        return LlamaConfig(**c, tie_word_embeddings=True)
+    if arch == "mistral":
+        return MistralConfig(**c, sliding_window=None)
+    if arch == "qwen2":
+        return Qwen2Config(**c, tie_word_embeddings=True)
+    if arch == "qwen3":
+        return Qwen3Config(**c, head_dim=16)
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(**c, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                              decoder_sparse_step=1, mlp_only_layers=[1], head_dim=16)
+    if arch == "phi3":
+        return Phi3Config(**c)
+    if arch == "gemma2":
+        return Gemma2Config(**c, head_dim=16, query_pre_attn_scalar=16, sliding_window=32)
+    if arch == "gemma3_text":
+        return Gemma3TextConfig(**c, head_dim=16, query_pre_attn_scalar=16, sliding_window=32)
+    if arch == "gemma3":
+        text = Gemma3TextConfig(**c, head_dim=16, query_pre_attn_scalar=16, sliding_window=32)
+        vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, image_size=28, patch_size=14)
+        return Gemma3Config(text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4,
+                            image_token_index=vocab - 1, boi_token_index=vocab - 2, eoi_token_index=vocab - 3)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=H, n_layer=LAYERS, n_head=HEADS, n_positions=256,
+                          eos_token_id=2, pad_token_id=0, bos_token_id=None)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "llama_tied", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma2", "gemma3_text", "gemma3",
+         "gpt2"]
+GEMMA = {"gemma2", "gemma3_text", "gemma3"}
+
+
+def make_model(arch: str, tokenizer, seed: int = 0):
+    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = make_config(arch, len(tokenizer))
+    cls = Gemma3ForConditionalGeneration if arch == "gemma3" else AutoModelForCausalLM
+    model = cls.from_config(config) if cls is AutoModelForCausalLM else cls(config)
+    with torch.no_grad():  # norms at 1 + noise, so Gemma's post-norm scale is not trivially uniform
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """Every tiny architecture saved as a Hugging Face directory, built once per session."""
+    root = tmp_path_factory.mktemp("models")
+    dirs = {}
+    for arch in ARCHS:
+        path = root / arch
+        make_model(arch, tokenizer).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs[arch] = path
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def shared_prompts() -> Path:
+    """The project's shared test prompts (../shared/data/prompts from the repo root)."""
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompts"
+    if not path.is_dir():
+        pytest.skip(f"shared prompt data not found at {path}")
+    return path
