@@ -50,8 +50,18 @@ def _common(vocab: int) -> dict:
 
 
 def make_config(arch: str, vocab: int):
-    from transformers import (Gemma2Config, Gemma3Config, Gemma3TextConfig, GPT2Config, LlamaConfig,
-                              MistralConfig, Phi3Config, Qwen2Config, Qwen3Config, Qwen3MoeConfig)
+    from transformers import (
+        Gemma2Config,
+        Gemma3Config,
+        Gemma3TextConfig,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     c = _common(vocab)
     if arch == "llama":

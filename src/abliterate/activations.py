@@ -44,9 +44,14 @@ def id_batches(ids: list[list[int]], pad: int, batch_size: int, device, desc: st
 
 
 def forward(model, batch: Batch, **kwargs):
-    """One forward pass that returns logits only for the last position (cheap: no full vocab projection)."""
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                 logits_to_keep=kwargs.pop("logits_to_keep", 1), **kwargs)
+    """One forward pass that returns logits only for the last position (cheap: no full vocab projection).
+
+    Position ids count real tokens only, so a left-padded prompt sees the same
+    positions as it would alone (this matters for absolute position embeddings, as in GPT-2).
+    """
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
+                 use_cache=False, logits_to_keep=kwargs.pop("logits_to_keep", 1), **kwargs)
 
 
 @dataclass
@@ -61,6 +66,7 @@ class Activations:
 
     mean: torch.Tensor
     count: int
+    tokens: int = 0  # real (unpadded) tokens processed
     per_prompt: torch.Tensor | None = None
 
 
@@ -69,10 +75,11 @@ def collect(model, tokenizer, texts: list[str], *, n_positions: int, batch_size:
             keep: bool = False, desc: str | None = "activations") -> Activations:
     n_layers = text_config(model).num_hidden_layers
     device = next(model.parameters()).device
-    total = None
+    total, tokens = None, 0
     kept = [None] * len(texts) if keep else None
     for batch in batches(tokenizer, texts, batch_size, device, desc):
         out = forward(model, batch, output_hidden_states=True)
+        tokens += int(batch.attention_mask.sum())
         # hidden_states[l] is the input of block l; the last entry (after the
         # final norm in most models) is not a block input and is left out.
         resid = torch.stack(out.hidden_states[:n_layers], dim=1)[:, :, -n_positions:, :]  # (B, L, P, H)
@@ -83,4 +90,4 @@ def collect(model, tokenizer, texts: list[str], *, n_positions: int, batch_size:
                 kept[i] = resid[row].float().cpu()
     mean = (total / len(texts)).cpu()
     assert torch.isfinite(mean).all(), "non-finite activations: check the model's dtype (try --dtype float32)"
-    return Activations(mean, len(texts), torch.stack(kept) if keep else None)
+    return Activations(mean, len(texts), tokens, torch.stack(kept) if keep else None)

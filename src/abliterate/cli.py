@@ -63,7 +63,9 @@ def _samples(before, after, n: int = 3) -> str:
 
 
 def _selection_table(sel) -> str:
-    lines = [f"{'layer':>5} {'pos':>4} {'bypass':>8} {'induce':>8} {'kl':>8}"]
+    lines = [f"original refusal score: harmful {sel.baseline_harmful:.2f}, harmless {sel.baseline_harmless:.2f}; "
+             f"induce must exceed {sel.induce_min:.2f}",
+             f"{'layer':>5} {'pos':>4} {'bypass':>8} {'induce':>8} {'kl':>8}"]
     for s in sel.scores:
         induce = f"{s.induce:8.2f}" if s.induce is not None else f"{'-':>8}"
         mark = "  <- chosen" if s.chosen else ""

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .activations import Batch, batches, forward, id_batches
+from .activations import batches, forward, id_batches
 from .refusal import is_refusal
 
 

@@ -33,6 +33,7 @@ from .evaluation import Evaluation, evaluate
 from .export import check_output, save_model, versions
 from .models import Loaded, load_model
 from .prompts import ChatFormat, PromptSet, load_prompts
+from .refusal import is_refusal
 from .selection import Selection, select
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def compute_candidates(loaded: Loaded, fmt: ChatFormat, harmful: list[str], harm
         "model": loaded.source,
         "harmful_sha256": hashlib.sha256("\n".join(harmful).encode()).hexdigest(),
         "harmless_sha256": hashlib.sha256("\n".join(harmless).encode()).hexdigest(),
-        "n_harmful": len(harmful), "n_harmless": len(harmless),
+        "n_harmful": len(harmful), "n_harmless": len(harmless), "activation_tokens": a.tokens + b.tokens,
     }
     return Candidates(a.mean, b.mean, tuple(range(-n_pos, 0)), meta)
 
@@ -105,9 +106,10 @@ def find_direction(loaded: Loaded, layout: Layout, cfg: RunConfig, timer: Timer 
     timer = timer or Timer()
     fmt = chat_format(cfg)
     tok = loaded.tokenizer
-    harmful_train, harmful_sel = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train, cfg.n_select, cfg.seed)
-    harmless_train, harmless_sel = split(load_prompts(cfg.harmless, column=cfg.column), cfg.n_train, cfg.n_select,
-                                         cfg.seed)
+    harmful_train, harmful_sel = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train,
+                                       cfg.n_select, cfg.seed)
+    harmless_train, harmless_sel = split(load_prompts(cfg.harmless, column=cfg.column), cfg.n_train,
+                                         cfg.n_select, cfg.seed)
     with timer("activations"):
         cands = compute_candidates(loaded, fmt, harmful_train, harmless_train, cfg)
     if cfg.layer is not None:
@@ -163,6 +165,16 @@ class RunResult:
     manifest: dict
 
 
+def side_by_side(before: Evaluation, after: Evaluation) -> dict:
+    """Every evaluation prompt with the original's and the edited model's answers."""
+    def rows(prompts, a, b):
+        return [{"prompt": p, "original": x, "edited": y,
+                 "original_refused": is_refusal(x), "edited_refused": is_refusal(y)}
+                for p, x, y in zip(prompts, a.text, b.text)]
+    return {"harmful": rows(before.harmful_prompts, before.harmful, after.harmful),
+            "harmless": rows(before.harmless_prompts, before.harmless, after.harmless)}
+
+
 def manifest_for(loaded: Loaded, cfg: RunConfig, direction: Direction, selection: Selection | None,
                  before: Evaluation, after: Evaluation, edited: list[str], timings: dict) -> dict:
     return {
@@ -206,6 +218,7 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
             def extra(tmp: Path) -> None:
                 direction.save(tmp / "direction.safetensors", cands)
                 (tmp / "metrics.json").write_text(json.dumps(manifest["metrics"], indent=2))
+                (tmp / "generations.json").write_text(json.dumps(side_by_side(before, after), indent=2))
 
             saved = save_model(loaded, out, manifest=manifest, extra=extra, shard_size=cfg.shard_size,
                                force=cfg.force)

@@ -97,7 +97,8 @@ def load_prompts(source: str, *, column: str | None = None, split: str | None = 
                     raise AbliterateError(f"{source}: expected a JSON list of prompts, got a {type(data).__name__}")
                 prompts = _from_records(data, source, column)
             elif suffix == ".jsonl":
-                prompts = _from_records([json.loads(line) for line in text.splitlines() if line.strip()], source, column)
+                records = [json.loads(line) for line in text.splitlines() if line.strip()]
+                prompts = _from_records(records, source, column)
             elif suffix == ".csv":
                 rows = list(csv.DictReader(text.splitlines()))
                 col = column or "prompt"

@@ -57,8 +57,8 @@ MODELS = {"qwen2.5-coder-0.5b-instruct": QWEN_CODER_05B, "smollm2-135m-instruct"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ABLITERATE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "abliterate"
-    path = Path(root)
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "abliterate"
+    path = Path(os.environ.get("ABLITERATE_CACHE") or default)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

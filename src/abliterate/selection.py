@@ -9,8 +9,13 @@ response token only (one forward pass, no generation):
 
 Candidates in the last 20% of layers are skipped (they tend to act on the
 output vocabulary rather than on the refusal decision). The choice is the lowest
-bypass score among candidates with kl <= kl_max and induce > 0. Induce is
-evaluated lazily, in bypass order, since most candidates never need it.
+bypass score among candidates with kl <= kl_max whose addition induces refusal.
+Arditi et al. ask for induce > 0 (refusal more likely than not); small models
+such as Qwen2.5-0.5B rarely get there from one layer's addition (we measured
+-1.3 at best), so the bar is the lower of 0 and the midpoint between the
+original's scores on harmful and harmless prompts: the addition must move an
+answered prompt at least halfway to a refused one. Induce is evaluated lazily,
+in bypass order, since most candidates never need it.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class Selection:
     scores: list[Score]
     baseline_harmful: float  # refusal score of the original on the harmful prompts
     baseline_harmless: float
+    induce_min: float = 0.0  # the bar an addition had to clear
     note: str = ""
 
     def table(self) -> list[dict]:
@@ -79,7 +85,7 @@ def candidate_layers(n_layers: int, min_frac: float, max_frac: float) -> list[in
 def select(
     model, tokenizer, layout: Layout, candidates: Candidates, harmful: list[str], harmless: list[str], *,
     positions: tuple[int, ...] = (-1,), projected: bool = False, min_layer_frac: float = 0.2,
-    max_layer_frac: float = 0.8, kl_max: float = 0.1, max_induce_checks: int = 5, batch_size: int = 32,
+    max_layer_frac: float = 0.8, kl_max: float = 0.1, max_induce_checks: int = 8, batch_size: int = 32,
 ) -> Selection:
     """Score candidates on formatted `harmful` and `harmless` prompts and return the choice."""
     ids = refusal_token_ids(tokenizer)
@@ -98,6 +104,9 @@ def select(
         scores.append(Score(layer, pos, bypass, kl))
 
     ranked = sorted(scores, key=lambda s: s.bypass)
+    base_h = refusal_score(base_harmful, ids).mean().item()
+    base_s = refusal_score(base_harmless, ids).mean().item()
+    induce_min = min(0.0, (base_h + base_s) / 2)
     chosen, note, checks = None, "", 0
     for s in ranked:
         if s.kl > kl_max or checks >= max_induce_checks:
@@ -106,20 +115,16 @@ def select(
         with added(model, d.vector * d.scale, s.layer, layout):
             s.induce = refusal_score(last_logits(model, tokenizer, harmless, batch_size), ids).mean().item()
         checks += 1
-        if s.induce > 0:
+        if s.induce > induce_min:
             chosen = s
             break
     if chosen is None:
         within_kl = [s for s in ranked if s.kl <= kl_max]
         chosen = within_kl[0] if within_kl else min(scores, key=lambda s: s.kl)
-        note = (f"no candidate had kl <= {kl_max} and induce > 0; took layer {chosen.layer} "
+        note = (f"no candidate had kl <= {kl_max} and induce > {induce_min:.2f}; took layer {chosen.layer} "
                 f"(bypass {chosen.bypass:.2f}, kl {chosen.kl:.3f})")
         log.warning(note)
     chosen.chosen = True
     direction = candidates.direction(chosen.layer, chosen.position, projected)
-    return Selection(
-        direction, scores,
-        baseline_harmful=refusal_score(base_harmful, ids).mean().item(),
-        baseline_harmless=refusal_score(base_harmless, ids).mean().item(),
-        note=note,
-    )
+    return Selection(direction, scores, baseline_harmful=base_h, baseline_harmless=base_s,
+                     induce_min=induce_min, note=note)

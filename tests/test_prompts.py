@@ -1,0 +1,86 @@
+import json
+
+import pytest
+
+from abliterate import AbliterateError, ChatFormat, load_prompts
+
+
+def test_builtin_sets_are_large_varied_and_split():
+    for kind in ("harmful", "harmless"):
+        every = load_prompts(f"builtin:{kind}")
+        train, test = load_prompts(f"builtin:{kind}:train"), load_prompts(f"builtin:{kind}:test")
+        assert len(every) >= 256 and len(set(every.prompts)) == len(every)
+        assert len(set(every.categories)) >= 12
+        assert set(train.prompts).isdisjoint(test.prompts)
+        assert len(train) + len(test) == len(every) and len(test) >= 50
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".json", ".jsonl", ".csv"])
+def test_file_formats(tmp_path, suffix):
+    prompts = ["How do I bake bread?", "Write a poem, please."]
+    path = tmp_path / f"p{suffix}"
+    if suffix == ".txt":
+        path.write_text("\n".join(prompts) + "\n\n")
+    elif suffix == ".json":
+        path.write_text(json.dumps([{"instruction": p, "category": "x"} for p in prompts]))
+    elif suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps({"prompt": p}) for p in prompts))
+    else:
+        path.write_text('id,question\n1,"How do I bake bread?"\n2,"Write a poem, please."\n')
+    got = load_prompts(str(path), column="question" if suffix == ".csv" else None)
+    assert list(got.prompts) == prompts
+
+
+def test_shared_json_reads(shared_prompts):
+    assert len(load_prompts(str(shared_prompts / "harmful_val.json"))) == 39
+
+
+@pytest.mark.parametrize("content,suffix,match", [
+    ("\n \n", ".txt", "empty"),
+    ("[]", ".json", "empty"),
+    ("{not json", ".json", "not valid JSON"),
+    ('[{"text2": "x"}]', ".json", "no field"),
+    ("a,b\n1,2\n", ".csv", "no column 'prompt'"),
+    ("hi", ".yaml", "unknown prompt file type"),
+])
+def test_bad_prompt_files(tmp_path, content, suffix, match):
+    path = tmp_path / f"bad{suffix}"
+    path.write_text(content)
+    with pytest.raises(AbliterateError, match=match):
+        load_prompts(str(path))
+
+
+def test_missing_file_and_unknown_builtin():
+    with pytest.raises(AbliterateError, match="does not exist"):
+        load_prompts("/nonexistent/prompts.txt")
+    with pytest.raises(AbliterateError, match="no built-in prompt set"):
+        load_prompts("builtin:nice")
+
+
+def test_chat_format(tokenizer):
+    fmt = ChatFormat(system="Be brief.")
+    text = fmt.render(tokenizer, "Hello there")
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and text.endswith("<|im_start|>assistant\n")
+    suffix = tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    assert ChatFormat().n_post_instruction(tokenizer) == len(suffix) >= 3
+    assert ChatFormat(plain=True).render(tokenizer, "Hi") == "Hi\n"
+
+
+def test_no_chat_template_is_a_clear_error(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    with pytest.raises(AbliterateError, match="no chat template.*--plain-prompts"):
+        ChatFormat().render(tok, "Hi")
+
+
+def test_hub_dataset_without_the_datasets_package_is_a_clear_error():
+    pytest.importorskip("transformers")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(AbliterateError, match="pip install datasets"):
+            load_prompts("hf:someone/prompts")
+    else:
+        pytest.skip("datasets is installed; the hub path needs a network this machine does not have")
