@@ -1,5 +1,6 @@
 """The whole pipeline on a tiny model, and the pieces it relies on."""
 
+import hashlib
 import json
 
 import pytest
@@ -46,6 +47,8 @@ def test_run_end_to_end_saves_a_model_that_reloads(tmp_path, model_dirs):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
+    weights = model_dirs["qwen2"] / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     result = run(str(model_dirs["qwen2"]), out, RunConfig(**TINY))
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "manifest.json", "direction.safetensors", "metrics.json", "tokenizer.json"} <= files
@@ -65,6 +68,7 @@ def test_run_end_to_end_saves_a_model_that_reloads(tmp_path, model_dirs):
     torch.testing.assert_close(reloaded.lm_head.weight, original.lm_head.weight)  # head untied, not edited
     # The input model is untouched.
     assert not (model_dirs["qwen2"] / "manifest.json").exists()
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest
 
 
 def test_forced_layer_and_projected(tmp_path, model_dirs):
