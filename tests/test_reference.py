@@ -98,3 +98,27 @@ def test_hooks_equal_baked_on_a_real_model(smollm_gguf):
         hooked = model(**enc).logits
     orthogonalize_(model, d, layout)
     torch.testing.assert_close(model(**enc).logits, hooked, atol=2e-3, rtol=1e-3)
+
+
+@torch.no_grad()
+def test_gemma3_gguf_post_norm_edits_leave_nothing_in_the_stream():
+    """Gemma 3 270M (real norms, GGUF Q4_K_M): hooks and baked weights each zero the stream's component."""
+    from abliterate import AbliterateError, ChatFormat
+    from abliterate.edit import residual_component
+
+    loaded = load_model(reference.fetch(reference.GEMMA3_270M))
+    layout = resolve(loaded.model)
+    assert layout.blocks[0].attn_scale is not None and layout.n_layers == 18
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(layout.hidden_size, generator=g)
+    d = Direction(vector=v / v.norm(), layer=6)
+    text = "The quick brown fox jumps over the lazy dog. " * 4
+    assert residual_component(loaded.model, loaded.tokenizer, d, text) > 1e-2
+    with ablated(loaded.model, d, layout):
+        assert residual_component(loaded.model, loaded.tokenizer, d, text) < 1e-5
+    orthogonalize_(loaded.model, d, layout)
+    assert residual_component(loaded.model, loaded.tokenizer, d, text) < 1e-5
+    # A base model has no chat template: a clear error, and plain text works.
+    with pytest.raises(AbliterateError, match="--plain-prompts"):
+        ChatFormat().render(loaded.tokenizer, "Hi")
+    assert ChatFormat(plain=True).render(loaded.tokenizer, "Hi") == "Hi\n"

