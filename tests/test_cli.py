@@ -148,3 +148,13 @@ def test_directions_apply_eval_chain(capsys, tmp_path, model_dirs):
     assert evals[0]["after"]["kl_first"] == pytest.approx(evals[1]["after"]["kl_first"], rel=1e-3, abs=1e-6)
     code, _, err = run_cli(capsys, "eval", src, "--original", src, "--direction", tmp_path / "d.safetensors")
     assert_clean_error(code, err, "not both")
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("--positions", "middle", "not one of: last, all"),
+    ("--batch-size", "0", "--batch-size must be at least 1"),
+    ("--max-layer-frac", "1.5", "layer fractions"),
+])
+def test_bad_option_values_fail_before_loading(capsys, tmp_path, flag, value, match):
+    code, _, err = run_cli(capsys, "run", tmp_path / "not-even-loaded", "-o", tmp_path / "out", flag, value)
+    assert_clean_error(code, err, match, tmp_path / "out")

@@ -41,7 +41,7 @@ def _add_config(parser: argparse.ArgumentParser, names) -> None:
 
 def _config(args: argparse.Namespace) -> RunConfig:
     given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
-    return replace(RunConfig(), **given)
+    return replace(RunConfig(), **given).check()
 
 
 def _table(before, after) -> str:

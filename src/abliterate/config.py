@@ -47,6 +47,21 @@ class RunConfig:
     shard_size: str = opt("2GB", "largest safetensors shard")
     force: bool = opt(False, "replace a non-empty output directory")
 
+    def check(self) -> "RunConfig":
+        """Raise on values no run can use, before any model is loaded."""
+        from .errors import AbliterateError
+
+        if self.positions not in ("last", "all"):
+            raise AbliterateError(f"--positions {self.positions!r} is not one of: last, all")
+        for name in ("n_train", "n_select", "max_new_tokens", "kl_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise AbliterateError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.min_layer_frac < self.max_layer_frac <= 1:
+            raise AbliterateError(
+                f"layer fractions must satisfy 0 <= min ({self.min_layer_frac}) < max ({self.max_layer_frac}) <= 1"
+            )
+        return self
+
     @classmethod
     def field_help(cls) -> dict[str, str]:
         return {f.name: f.metadata["help"] for f in fields(cls)}

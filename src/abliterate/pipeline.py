@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,20 +42,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Timer:
+    """Wall time per named stage; `with timer("selection"): ...` adds to that stage."""
+
     stages: dict[str, float] = field(default_factory=dict)
 
+    @contextmanager
     def __call__(self, name: str):
-        timer = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t = time.perf_counter()
-                log.info("%s ...", name)
-
-            def __exit__(self, *exc):
-                timer.stages[name] = timer.stages.get(name, 0.0) + time.perf_counter() - self.t
-
-        return _Stage()
+        log.info("%s ...", name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
 
 
 def load(source: str, cfg: RunConfig) -> tuple[Loaded, Layout]:
@@ -85,9 +84,8 @@ def compute_candidates(loaded: Loaded, fmt: ChatFormat, harmful: list[str], harm
                        cfg: RunConfig, keep: bool = False) -> Candidates:
     """Steps 3-4: mean activations of both sets at the post-instruction positions, and their differences."""
     tok = loaded.tokenizer
+    cfg.check()
     n_pos = fmt.n_post_instruction(tok) if cfg.positions == "all" else 1
-    if cfg.positions not in ("last", "all"):
-        raise AbliterateError(f"--positions {cfg.positions!r} is not one of: last, all")
     kw = dict(n_positions=n_pos, batch_size=cfg.batch_size, keep=keep)
     a = collect(loaded.model, tok, fmt.render_all(tok, harmful), desc="harmful activations", **kw)
     b = collect(loaded.model, tok, fmt.render_all(tok, harmless), desc="harmless activations", **kw)
@@ -196,7 +194,7 @@ def manifest_for(loaded: Loaded, cfg: RunConfig, direction: Direction, selection
 
 def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> RunResult:
     """Steps 1-9: abliterate `source` and save it to `out` (None: evaluate only, save nothing)."""
-    cfg = cfg or RunConfig()
+    cfg = (cfg or RunConfig()).check()
     timer = Timer()
     torch.manual_seed(cfg.seed)
     eval_harmful, eval_harmless = eval_sets(cfg)  # bad prompt files fail before the model loads
