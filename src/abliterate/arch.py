@@ -15,7 +15,7 @@ file with `--arch-spec` (CLI).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +47,12 @@ class ArchSpec:
     mlp_post_norm: str | None = None
     norm_offset: float = 0.0
     lm_head: str = "lm_head"
+    # How a constant addition to the stream can be stored as a bias (steer.bake_steering):
+    # "native" (the MLP output already has one), "mlp_bias" (the config can switch MLP
+    # biases on), "as_llama" (the network is a Llama with extra biases and can be saved
+    # as one), or None with the reason in `steer_bias_why`.
+    steer_bias: str | None = None
+    steer_bias_why: str = "no entry for this architecture"
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ArchSpec":
@@ -73,6 +79,7 @@ _LLAMA_LIKE = ArchSpec(
     attn_hook="self_attn.o_proj",
     mlp_hook="mlp.down_proj",
 )
+_LLAMA = replace(_LLAMA_LIKE, steer_bias="mlp_bias")
 
 _GEMMA = ArchSpec(
     layers="model.layers",
@@ -84,16 +91,18 @@ _GEMMA = ArchSpec(
     attn_post_norm="post_attention_layernorm",
     mlp_post_norm="post_feedforward_layernorm",
     norm_offset=1.0,
+    steer_bias_why="a bias before Gemma's post-MLP norm is rescaled per token, so it is not a constant addition",
 )
 
 # Keyed by config.model_type. Qwen2 is Llama with q/k/v biases; Mistral and Phi-3
 # (fused qkv and gate_up, but plain o_proj / down_proj) write like Llama.
 SPECS: dict[str, ArchSpec] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
+    "llama": _LLAMA,
+    "mistral": replace(_LLAMA_LIKE, steer_bias="as_llama"),
+    "qwen2": replace(_LLAMA_LIKE, steer_bias="as_llama"),
+    "qwen3": replace(_LLAMA_LIKE, steer_bias_why="Qwen3 normalises queries and keys, which no biased config "
+                     "of another family expresses, and its own config has no MLP-bias switch"),
+    "phi3": replace(_LLAMA_LIKE, steer_bias_why="Phi-3's config has no MLP-bias switch"),
     # transformers fuses MoE experts into one (experts, hidden, intermediate)
     # parameter; some blocks may be dense (mlp_only_layers), some have a shared expert.
     "qwen3_moe": ArchSpec(
@@ -103,6 +112,7 @@ SPECS: dict[str, ArchSpec] = {
         mlp_writers=("mlp.experts.down_proj?", "mlp.down_proj?"),
         attn_hook="self_attn.o_proj",
         mlp_hook="mlp",
+        steer_bias_why="fused experts have no output bias and the config has no switch for one",
     ),
     "qwen2_moe": ArchSpec(
         layers="model.layers",
@@ -111,6 +121,7 @@ SPECS: dict[str, ArchSpec] = {
         mlp_writers=("mlp.experts.down_proj?", "mlp.shared_expert.down_proj?", "mlp.down_proj?"),
         attn_hook="self_attn.o_proj",
         mlp_hook="mlp",
+        steer_bias_why="fused experts have no output bias and the config has no switch for one",
     ),
     "gemma2": _GEMMA,
     "gemma3_text": _GEMMA,
@@ -128,6 +139,7 @@ SPECS: dict[str, ArchSpec] = {
         mlp_writers=("mlp.c_proj",),
         attn_hook="attn.c_proj",
         mlp_hook="mlp.c_proj",
+        steer_bias="native",
     ),
 }
 

@@ -171,6 +171,116 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError as e:
+        raise AbliterateError(f"{text!r} is not a comma-separated list of numbers, e.g. -1,0,1,2") from e
+
+
+def _steer_inputs(args):
+    """The model, its layout, the direction, formatted prompts and the layer list, shared by steer and sweep."""
+    from .directions import Direction
+    from .pipeline import chat_format, load
+    from .prompts import load_prompts
+    from .steer import parse_layers
+
+    cfg = _config(args)
+    direction = Direction.load(args.direction)
+    layers = parse_layers(args.layers) if args.layers else (direction.layer,)
+    loaded, layout = load(args.model, cfg)
+    direction.check_model(layout.hidden_size, layout.n_layers)
+    if args.prompt:
+        prompts = list(args.prompt)
+    else:
+        prompts = list(load_prompts(args.prompts, column=cfg.column).head(args.n).prompts)
+    texts = chat_format(cfg).render_all(loaded.tokenizer, prompts)
+    return cfg, loaded, layout, direction, layers, prompts, texts
+
+
+def cmd_steer(args) -> int:
+    from .export import check_output, save_model, versions
+    from .models import Loaded
+    from .steer import Steering, bake_steering, measure
+
+    cfg, loaded, layout, direction, layers, prompts, texts = _steer_inputs(args)
+    steering = Steering(direction, args.strength, layers).check(layout)
+    if args.output:
+        check_output(args.output, loaded.local_dir, loaded.gguf_file, cfg.force)
+    markers = tuple(args.marker) if args.marker else None
+    kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, markers=markers)
+    base = measure(loaded.model, loaded.tokenizer, layout, texts, Steering(direction, 0.0, layers), **kw)
+    steered_ = measure(loaded.model, loaded.tokenizer, layout, texts, steering, **kw)
+    what = "refusal" if markers is None else "marker"
+    print(f"strength {args.strength} at layers {list(layers)}: {what} rate {base.rate:.2f} -> {steered_.rate:.2f}, "
+          f"coherence {base.coherence:.2f} -> {steered_.coherence:.2f} (mean log-prob per token, original model)")
+    for p, a, b in list(zip(prompts, base.answers, steered_.answers))[:args.show]:
+        print(f"\n> {p}\n  original: {a[:300]!r}\n  steered:  {b[:300]!r}")
+    if args.output:
+        model = bake_steering(loaded.model, steering, layout)
+        manifest = {"kind": "abliterate.steer", "model": args.model, "direction": direction.describe(),
+                    "steering": {"layers": list(layers), "strength": args.strength,
+                                 "units": "multiples of the direction's mean difference"},
+                    "versions": versions()}
+        out = save_model(Loaded(model, loaded.tokenizer, loaded.source, loaded.local_dir, loaded.gguf_file),
+                         args.output, manifest=manifest, shard_size=cfg.shard_size, force=cfg.force,
+                         extra=lambda tmp: direction.save(tmp / "direction.safetensors"))
+        print(f"\nbaked into {out}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .steer import plot_sweep, sweep
+
+    cfg, loaded, layout, direction, layers, prompts, texts = _steer_inputs(args)
+    markers = tuple(args.marker) if args.marker else None
+    rows = sweep(loaded.model, loaded.tokenizer, layout, texts, direction, layers, _floats(args.strengths),
+                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, markers=markers)
+    what = "refusal" if markers is None else "marker"
+    print(f"{'strength':>9} {what + ' rate':>13} {'coherence':>10} {'degenerate':>11}")
+    for r in rows:
+        print(f"{r.strength:9.2f} {r.rate:13.2f} {r.coherence:10.2f} {r.degenerate:11.2f}")
+    if args.plot:
+        print(f"plot: {plot_sweep(rows, args.plot, what)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([vars(r) for r in rows], indent=2))
+    return 0
+
+
+def cmd_induce(args) -> int:
+    from .pipeline import induce
+    from .steer import parse_layers
+
+    cfg = _config(args)
+    result = induce(args.model, args.output, cfg, layers=list(parse_layers(args.layers)) if args.layers else None,
+                    strengths=tuple(_floats(args.strengths)), target=args.target, max_drop=args.max_drop)
+    print(f"search (harmless prompts; coherence of the original's own answers {result.search.baseline_coherence:.2f})")
+    print(f"{'layer':>5} {'strength':>9} {'refusal':>8} {'coherence':>10} {'degenerate':>11}")
+    for b in result.search.trials:
+        mark = "  <- chosen" if b is result.search.chosen else ""
+        print(f"{b.layers[0]:5d} {b.strength:9.2f} {b.rate:8.2f} {b.coherence:10.2f} {b.degenerate:11.2f}{mark}")
+    o, i = result.original, result.induced
+    print(f"\nevaluation harmless prompts ({len(o.answers)}): refusal {o.rate:.2f} -> {i.rate:.2f}, "
+          f"coherence {o.coherence:.2f} -> {i.coherence:.2f}, degenerate {o.degenerate:.2f} -> {i.degenerate:.2f}")
+    for a, b in list(zip(o.answers, i.answers))[:3]:
+        print(f"  original: {a[:200]!r}\n  induced:  {b[:200]!r}")
+    if result.output:
+        print(f"\nsaved to {result.output}")
+    return 0
+
+
+def _add_steer_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model")
+    p.add_argument("--direction", required=True, help="direction file (from `abliterate directions` or a run)")
+    p.add_argument("--layers", help="layers whose input gets the vector: 10, 8,9,12 or 8-12 (default: the "
+                   "direction's own layer)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: --prompts")
+    p.add_argument("--prompts", default="builtin:harmless:test", help="prompt set (default: builtin:harmless:test)")
+    p.add_argument("-n", type=int, default=16, help="prompts to use from --prompts (default: 16)")
+    p.add_argument("--marker", action="append",
+                   help="measure a concept by these words instead of refusals (repeatable, case-insensitive)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="abliterate",
@@ -215,6 +325,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the metrics to this JSON file")
     _add_config(p, _MODEL + _EVAL)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("steer", help="add a direction to the residual stream (hooks), or bake it with -o",
+                       description="Strength multiplies the direction's mean difference: 1 moves a harmless "
+                       "prompt's mean onto a harmful one's; negative subtracts; 0 is the identity. Example: "
+                       "abliterate steer ./model --direction refusal.safetensors --strength 1.5 --layers 12")
+    _add_steer_options(p)
+    p.add_argument("--strength", type=float, required=True)
+    p.add_argument("--show", type=int, default=3, help="answers to print side by side (default: 3)")
+    p.add_argument("-o", "--output", help="bake the addition as a bias and save the model here")
+    _add_config(p, _MODEL + _SAVE + ("system_prompt", "plain_prompts", "max_new_tokens", "column"))
+    p.set_defaults(func=cmd_steer)
+
+    p = sub.add_parser("sweep", help="behaviour rate and coherence against steering strength (table and PNG)",
+                       description="Example: abliterate sweep ./model --direction refusal.safetensors "
+                       "--layers 12 --strengths -1,0,1,2 --plot sweep.png")
+    _add_steer_options(p)
+    p.add_argument("--strengths", default="0,0.5,1,1.5,2,3",
+                   help="comma-separated strengths; write --strengths=-1,0,1 when the first is negative")
+    p.add_argument("--plot", help="write the plot to this PNG")
+    p.add_argument("--json", help="write the table to this JSON file")
+    _add_config(p, _MODEL + ("system_prompt", "plain_prompts", "max_new_tokens", "column"))
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("induce", help="a model that refuses everything, coherently (refusal direction as a bias)",
+                       description="Example: abliterate induce ./model -o ./refuses-everything")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", help="output directory (omit to measure without saving)")
+    p.add_argument("--layers", help="layers to search (default: 30%%, 40%%, 50%%, 60%% of depth)")
+    p.add_argument("--strengths", default="1,1.5,2,3", help="strengths to search, in mean differences")
+    p.add_argument("--target", type=float, default=0.9, help="refusal rate to reach (default: 0.9)")
+    p.add_argument("--max-drop", type=float, default=1.0,
+                   help="largest coherence loss allowed, nats per token below the original's answers (default: 1)")
+    _add_config(p, _ALL)
+    p.set_defaults(func=cmd_induce)
     return parser
 
 

@@ -137,3 +137,29 @@ def evaluate(model, tokenizer, harmful: list[str], harmless: list[str], *, harmf
         metrics.kl_first = kl[:, 0].mean().item()
         metrics.kl_continuation = (kl.sum() / ref.mask.sum()).item()
     return Evaluation(metrics, gen_harmful, gen_harmless, list(harmful_prompts), list(harmless_prompts))
+
+
+@torch.inference_mode()
+def answer_logprob(model, tokenizer, texts: list[str], answers: list[list[int]], batch_size: int = 32) -> torch.Tensor:
+    """Mean log-probability per token that `model` gives each answer after its prompt, (N,).
+
+    Scored by the original model, this measures coherence of someone else's text:
+    fluent answers (a refusal included) score near the model's own answers,
+    word salad far below.
+    """
+    device = next(model.parameters()).device
+    prompt_ids = tokenizer(list(texts), add_special_tokens=False).input_ids
+    seqs = [p + a for p, a in zip(prompt_ids, answers)]
+    out = torch.full((len(texts),), float("nan"))
+    for batch in id_batches(seqs, tokenizer.pad_token_id, batch_size, device):
+        longest = max(len(answers[i]) for i in batch.index)
+        logits = forward(model, batch, logits_to_keep=longest + 1).logits.float()
+        logp = torch.log_softmax(logits, -1).cpu()  # (B, longest + 1, V)
+        for row, i in enumerate(batch.index):
+            n = len(answers[i])
+            if n == 0:
+                continue
+            # positions -(n+1) .. -2 predict the n answer tokens
+            steps = logp[row, -(n + 1):-1]
+            out[i] = steps.gather(-1, torch.tensor(answers[i]).unsqueeze(-1)).mean()
+    return out

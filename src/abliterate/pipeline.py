@@ -36,6 +36,7 @@ from .models import Loaded, load_model
 from .prompts import ChatFormat, PromptSet, load_prompts
 from .refusal import is_refusal
 from .selection import Selection, select
+from .steer import Behaviour, Induction, Steering, bake_steering, induce_search, measure
 
 log = logging.getLogger(__name__)
 
@@ -221,3 +222,72 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
             saved = save_model(loaded, out, manifest=manifest, extra=extra, shard_size=cfg.shard_size,
                                force=cfg.force)
     return RunResult(direction, before, after, selection, saved, timer.stages, manifest)
+
+
+@dataclass
+class InduceResult:
+    steering: Steering
+    search: Induction
+    original: Behaviour  # the original on the evaluation prompts (strength 0)
+    induced: Behaviour  # the steered model on the same prompts
+    output: Path | None
+    timings: dict[str, float]
+
+
+def induce(source: str, out: str | Path | None, cfg: RunConfig | None = None, *, layers: list[int] | None = None,
+           strengths: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0), target: float = 0.9,
+           max_drop: float = 1.0) -> InduceResult:
+    """A model that refuses everything, coherently: the refusal direction added as a bias at one layer.
+
+    The layer and strength are searched on held-out harmless prompts (see steer.induce_search);
+    the result is measured on the evaluation harmless prompts and baked into the weights.
+    """
+    cfg = (cfg or RunConfig()).check()
+    timer = Timer()
+    _, eval_harmless = eval_sets(cfg)
+    with timer("load"):
+        loaded, layout = load(source, cfg)
+    if out is not None:
+        check_output(out, loaded.local_dir, loaded.gguf_file, cfg.force)
+    fmt, tok = chat_format(cfg), loaded.tokenizer
+    harmful_train, _ = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train, cfg.n_select, cfg.seed)
+    harmless_train, harmless_sel = split(load_prompts(cfg.harmless, column=cfg.column), cfg.n_train,
+                                         cfg.n_select, cfg.seed)
+    with timer("activations"):
+        cands = compute_candidates(loaded, fmt, harmful_train, harmless_train, cfg)
+    if layers is None:
+        n = layout.n_layers
+        layers = sorted({max(1, round(n * f)) for f in (0.3, 0.4, 0.5, 0.6)}) if cfg.layer is None else [cfg.layer]
+    with timer("search"):
+        search = induce_search(loaded.model, tok, layout, cands, fmt.render_all(tok, harmless_sel), layers=layers,
+                               strengths=list(strengths), target=target, max_drop=max_drop,
+                               batch_size=cfg.batch_size)
+    chosen = search.chosen
+    steering = Steering(cands.direction(chosen.layers[0]), chosen.strength, chosen.layers)
+    texts = fmt.render_all(tok, eval_harmless.prompts)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    with timer("evaluate"):
+        original = measure(loaded.model, tok, layout, texts, Steering(steering.direction, 0.0, steering.layers), **kw)
+        induced = measure(loaded.model, tok, layout, texts, steering, **kw)
+    saved = None
+    if out is not None:
+        with timer("save"):
+            model = bake_steering(loaded.model, steering, layout)
+            manifest = {
+                "kind": "abliterate.induce", "model": source, "direction": steering.direction.describe(),
+                "steering": {"layers": list(steering.layers), "strength": steering.strength,
+                             "units": "multiples of the layer's mean difference"},
+                "search": [asdict(b) | {"answers": b.answers[:3]} for b in search.trials],
+                "metrics": {"original": _behaviour(original), "induced": _behaviour(induced),
+                            "baseline_coherence_search": search.baseline_coherence, "max_drop": max_drop},
+                "config": asdict(cfg), "versions": versions(), "timings_s": timer.stages,
+            }
+            baked = Loaded(model, tok, loaded.source, loaded.local_dir, loaded.gguf_file)
+            saved = save_model(baked, out, manifest=manifest, shard_size=cfg.shard_size, force=cfg.force,
+                               extra=lambda tmp: steering.direction.save(tmp / "direction.safetensors"))
+    return InduceResult(steering, search, original, induced, saved, timer.stages)
+
+
+def _behaviour(b: Behaviour) -> dict:
+    return {"rate": b.rate, "coherence": b.coherence, "degenerate": b.degenerate, "n": len(b.answers),
+            "samples": b.answers[:3]}
