@@ -119,3 +119,14 @@ def test_cli_steer_sweep_induce(tokenizer, model_dirs, tmp_path, capsys):
     capsys.readouterr()
     code = main(["-q", "steer", str(src), "--direction", str(dfile), "--strength", "inf", "-n", "2"])
     assert code == 2 and "not a finite number" in capsys.readouterr().err
+
+
+def test_cli_concept_direction_from_two_prompt_sets(model_dirs, tmp_path, capsys):
+    from abliterate.cli import main
+
+    out = tmp_path / "fr.safetensors"
+    code = main(["-q", "concept", str(model_dirs["llama"]), "--positive", "builtin:french:train", "--negative",
+                 "builtin:english:train", "--layer", "2", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    d = Direction.load(out)
+    assert d.layer == 2 and d.meta["positive"] == "builtin:french:train" and d.scale > 0

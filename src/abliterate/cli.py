@@ -116,6 +116,24 @@ def cmd_directions(args) -> int:
     return 0
 
 
+def cmd_concept(args) -> int:
+    from .pipeline import chat_format, compute_candidates, load, split
+    from .prompts import load_prompts
+
+    cfg = _config(args)
+    loaded, layout = load(args.model, cfg)
+    layer = args.layer if args.layer is not None else round(0.4 * layout.n_layers)
+    pos, _ = split(load_prompts(args.positive, column=cfg.column), cfg.n_train, 0, cfg.seed)
+    neg, _ = split(load_prompts(args.negative, column=cfg.column), cfg.n_train, 0, cfg.seed)
+    cands = compute_candidates(loaded, chat_format(cfg), pos, neg, cfg)
+    direction = cands.direction(layer, -1, cfg.projected)
+    direction.meta.update(positive=args.positive, negative=args.negative)
+    path = direction.save(args.output, cands)
+    print(f"concept direction {args.negative} -> {args.positive}: layer {layer}, mean difference "
+          f"{direction.scale:.2f} -> {path}")
+    return 0
+
+
 def cmd_apply(args) -> int:
     from .directions import Direction
     from .export import check_output, save_model, versions
@@ -308,6 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="direction file (.safetensors)")
     _add_config(p, _MODEL + _PROMPTS + _SELECT)
     p.set_defaults(func=cmd_directions)
+
+    p = sub.add_parser("concept", help="a direction from any two contrastive prompt sets, for steering",
+                       description="Example (built in): abliterate concept ./model --positive builtin:french:train "
+                       "--negative builtin:english:train -o french.safetensors; then abliterate sweep ./model "
+                       "--direction french.safetensors --prompts builtin:english:test --marker ' le ' --marker ' est '")
+    p.add_argument("model")
+    p.add_argument("--positive", required=True, help="prompts showing the concept (same forms as --harmful)")
+    p.add_argument("--negative", required=True, help="prompts without it")
+    p.add_argument("--layer", type=int, help="layer of the direction (default: 40%% of depth)")
+    p.add_argument("-o", "--output", required=True, help="direction file (.safetensors)")
+    _add_config(p, _MODEL + ("column", "n_train", "system_prompt", "plain_prompts", "projected", "seed"))
+    p.set_defaults(func=cmd_concept)
 
     p = sub.add_parser("apply", help="orthogonalize a model's weights against a saved direction",
                        description="Example: abliterate apply ./model --direction refusal.safetensors -o ./out")

@@ -12,6 +12,9 @@ from pathlib import Path
 from .errors import AbliterateError
 
 SPLITS = ("train", "test")
+# harmful/harmless: the refusal pair. english/french: the same 50 requests in each language,
+# a concept pair for steering (the direction from English to French input).
+BUILTIN = ("harmful", "harmless", "english", "french")
 _FIELDS = ("instruction", "prompt", "text", "goal", "question")
 
 
@@ -36,8 +39,9 @@ class PromptSet:
 
 def _builtin(kind: str, split: str | None) -> PromptSet:
     """Our own prompt sets. Every fifth prompt of each category is held out as `test`."""
-    if kind not in ("harmful", "harmless"):
-        raise AbliterateError(f"no built-in prompt set {kind!r}; use builtin:harmful or builtin:harmless")
+    if kind not in BUILTIN:
+        names = ", ".join(f"builtin:{k}" for k in BUILTIN)
+        raise AbliterateError(f"no built-in prompt set {kind!r}; use one of {names}")
     if split not in (None, "all", *SPLITS):
         raise AbliterateError(f"unknown split {split!r}; use one of {', '.join(SPLITS)} or all")
     text = resources.files("abliterate").joinpath(f"data/{kind}.txt").read_text(encoding="utf-8")
