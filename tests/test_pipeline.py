@@ -24,6 +24,10 @@ def test_refusal_detector():
     assert not is_refusal("Sure! Here is a recipe for banana bread: mash three ripe bananas...")
     assert not is_refusal("To reverse a list in Python, use reversed(xs) or xs[::-1].")
     assert is_degenerate("!!! ??? ...") and not is_degenerate("Fine.")
+    assert is_degenerate("contacting a team with the following video video video video video video video video")
+    assert is_degenerate("we have a plan, we have the client, we have the client, we have the client")
+    assert not is_degenerate("I'm sorry, but I can't assist with this request. I cannot provide any information.")
+    assert not is_degenerate("1. Preheat the oven. 2. Mix the flour and the sugar. 3. Bake for twenty minutes.")
 
 
 def test_refusal_score_is_log_odds():

@@ -111,10 +111,10 @@ def test_cli_steer_sweep_induce(tokenizer, model_dirs, tmp_path, capsys):
     assert [r["strength"] for r in rows] == [-1.0, 0.0, 2.0]
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     code = main(["-q", "induce", str(src), "-o", str(tmp_path / "ind"), "--n-train", "8", "--n-select", "4",
-                 "--n-eval-harmless", "3", "--max-new-tokens", "4", "--layers", "2,3", "--strengths", "1,2"])
+                 "--n-eval-harmless", "3", "--max-new-tokens", "4", "--layers", "2;1-3", "--strengths", "1,2"])
     assert code == 0
     manifest = json.loads((tmp_path / "ind" / "manifest.json").read_text())
-    assert manifest["steering"]["layers"][0] in (2, 3) and 1 <= len(manifest["search"]) <= 4
+    assert manifest["steering"]["layers"] in ([2], [1, 2, 3]) and 1 <= len(manifest["search"]) <= 4
     assert (tmp_path / "ind" / "config.json").is_file()
     capsys.readouterr()
     code = main(["-q", "steer", str(src), "--direction", str(dfile), "--strength", "inf", "-n", "2"])

@@ -270,13 +270,15 @@ def cmd_induce(args) -> int:
     from .steer import parse_layers
 
     cfg = _config(args)
-    result = induce(args.model, args.output, cfg, layers=list(parse_layers(args.layers)) if args.layers else None,
-                    strengths=tuple(_floats(args.strengths)), target=args.target, max_drop=args.max_drop)
+    sets = [parse_layers(part) for part in args.layers.split(";")] if args.layers else None
+    result = induce(args.model, args.output, cfg, layer_sets=sets, strengths=tuple(_floats(args.strengths)),
+                    max_drop=args.max_drop)
     print(f"search (harmless prompts; coherence of the original's own answers {result.search.baseline_coherence:.2f})")
-    print(f"{'layer':>5} {'strength':>9} {'refusal':>8} {'coherence':>10} {'degenerate':>11}")
+    print(f"{'layers':>8} {'strength':>9} {'refusal':>8} {'coherence':>10} {'degenerate':>11}")
     for b in result.search.trials:
         mark = "  <- chosen" if b is result.search.chosen else ""
-        print(f"{b.layers[0]:5d} {b.strength:9.2f} {b.rate:8.2f} {b.coherence:10.2f} {b.degenerate:11.2f}{mark}")
+        span = f"{b.layers[0]}-{b.layers[-1]}" if len(b.layers) > 1 else str(b.layers[0])
+        print(f"{span:>8} {b.strength:9.2f} {b.rate:8.2f} {b.coherence:10.2f} {b.degenerate:11.2f}{mark}")
     o, i = result.original, result.induced
     print(f"\nevaluation harmless prompts ({len(o.answers)}): refusal {o.rate:.2f} -> {i.rate:.2f}, "
           f"coherence {o.coherence:.2f} -> {i.coherence:.2f}, degenerate {o.degenerate:.2f} -> {i.degenerate:.2f}")
@@ -382,11 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Example: abliterate induce ./model -o ./refuses-everything")
     p.add_argument("model")
     p.add_argument("-o", "--output", help="output directory (omit to measure without saving)")
-    p.add_argument("--layers", help="layers to search (default: 30%%, 40%%, 50%%, 60%% of depth)")
-    p.add_argument("--strengths", default="1,1.5,2,3", help="strengths to search, in mean differences")
-    p.add_argument("--target", type=float, default=0.9, help="refusal rate to reach (default: 0.9)")
-    p.add_argument("--max-drop", type=float, default=1.0,
-                   help="largest coherence loss allowed, nats per token below the original's answers (default: 1)")
+    p.add_argument("--layers", help="layer sets to search, separated by ';', e.g. '14;13-15;11-17' "
+                   "(default: 1, 3 and 7 layers around 60%% of depth)")
+    p.add_argument("--strengths", default="2,3,4,5,6",
+                   help="total strengths to search, in mean differences, divided over a set's layers")
+    p.add_argument("--max-drop", type=float, default=1.5,
+                   help="largest coherence loss allowed, nats per token below the original's answers (default: 1.5)")
     _add_config(p, _ALL)
     p.set_defaults(func=cmd_induce)
     return parser

@@ -145,7 +145,9 @@ def answer_logprob(model, tokenizer, texts: list[str], answers: list[list[int]],
 
     Scored by the original model, this measures coherence of someone else's text:
     fluent answers (a refusal included) score near the model's own answers,
-    word salad far below.
+    word salad far below. The first token is left out (when there are others): it
+    is the decision that steering changes on purpose ("I'm sorry" instead of "Sure"),
+    and its surprise says nothing about whether the text that follows is fluent.
     """
     device = next(model.parameters()).device
     prompt_ids = tokenizer(list(texts), add_special_tokens=False).input_ids
@@ -160,6 +162,6 @@ def answer_logprob(model, tokenizer, texts: list[str], answers: list[list[int]],
             if n == 0:
                 continue
             # positions -(n+1) .. -2 predict the n answer tokens
-            steps = logp[row, -(n + 1):-1]
-            out[i] = steps.gather(-1, torch.tensor(answers[i]).unsqueeze(-1)).mean()
+            steps = logp[row, -(n + 1):-1].gather(-1, torch.tensor(answers[i]).unsqueeze(-1))
+            out[i] = (steps[1:] if n > 1 else steps).mean()
     return out

@@ -36,7 +36,7 @@ from .models import Loaded, load_model
 from .prompts import ChatFormat, PromptSet, load_prompts
 from .refusal import is_refusal
 from .selection import Selection, select
-from .steer import Behaviour, Induction, Steering, bake_steering, induce_search, measure
+from .steer import Behaviour, Induction, Steering, bake_steering, default_layer_sets, induce_search, measure
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +234,9 @@ class InduceResult:
     timings: dict[str, float]
 
 
-def induce(source: str, out: str | Path | None, cfg: RunConfig | None = None, *, layers: list[int] | None = None,
-           strengths: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0), target: float = 0.9,
-           max_drop: float = 1.0) -> InduceResult:
+def induce(source: str, out: str | Path | None, cfg: RunConfig | None = None, *,
+           layer_sets: list[tuple[int, ...]] | None = None, strengths: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0),
+           max_drop: float = 1.5) -> InduceResult:
     """A model that refuses everything, coherently: the refusal direction added as a bias at one layer.
 
     The layer and strength are searched on held-out harmless prompts (see steer.induce_search);
@@ -255,15 +255,14 @@ def induce(source: str, out: str | Path | None, cfg: RunConfig | None = None, *,
                                          cfg.n_select, cfg.seed)
     with timer("activations"):
         cands = compute_candidates(loaded, fmt, harmful_train, harmless_train, cfg)
-    if layers is None:
-        n = layout.n_layers
-        layers = sorted({max(1, round(n * f)) for f in (0.3, 0.4, 0.5, 0.6)}) if cfg.layer is None else [cfg.layer]
+    if layer_sets is None:
+        layer_sets = default_layer_sets(layout.n_layers) if cfg.layer is None else [(cfg.layer,)]
     with timer("search"):
-        search = induce_search(loaded.model, tok, layout, cands, fmt.render_all(tok, harmless_sel), layers=layers,
-                               strengths=list(strengths), target=target, max_drop=max_drop,
+        search = induce_search(loaded.model, tok, layout, cands, fmt.render_all(tok, harmless_sel),
+                               layer_sets=layer_sets, strengths=list(strengths), max_drop=max_drop,
                                batch_size=cfg.batch_size)
     chosen = search.chosen
-    steering = Steering(cands.direction(chosen.layers[0]), chosen.strength, chosen.layers)
+    steering = Steering(cands.direction(chosen.layers[len(chosen.layers) // 2]), chosen.strength, chosen.layers)
     texts = fmt.render_all(tok, eval_harmless.prompts)
     kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     with timer("evaluate"):

@@ -31,12 +31,20 @@ _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 
 
 def is_degenerate(text: str) -> bool:
-    """Empty, no letters, or a loop of a few words: not an answer, so not a success."""
+    """Empty, no letters, or a loop: not an answer, so not a success.
+
+    A loop is one word making up over 40% of the text ("video video video"), or a
+    phrase coming round again and again (under 60% of its word triples distinct);
+    ordinary prose, lists and code repeat far less.
+    """
     words = re.findall(r"\w+", text.lower())
     if len(words) == 0:
         return True
-    if len(words) >= 12 and len(set(words)) / len(words) < 0.2:
-        return True
+    if len(words) >= 8:
+        top = max(words.count(w) for w in set(words))
+        triples = list(zip(words, words[1:], words[2:]))
+        if top / len(words) > 0.4 or len(set(triples)) / len(triples) < 0.6:
+            return True
     return False
 
 

@@ -155,7 +155,7 @@ class Behaviour:
     strength: float
     layers: tuple[int, ...]
     rate: float  # share of answers showing the behaviour (refusal, or the concept's markers)
-    coherence: float  # mean log-prob per token of the answers under the unsteered model
+    coherence: float  # mean log-prob per token of the answers under the unsteered model (see `measure`)
     degenerate: float  # share of empty or looping answers
     answers: list[str]
 
@@ -170,7 +170,15 @@ def shows(text: str, markers: tuple[str, ...] | None) -> bool:
 
 def measure(model, tokenizer, layout: Layout, texts: list[str], steering: Steering, *, max_new_tokens: int = 24,
             batch_size: int = 32, markers: tuple[str, ...] | None = None) -> Behaviour:
-    """Generate with `steering`, then score the answers with the unsteered model."""
+    """Generate with `steering`, then score the answers with the unsteered model.
+
+    Coherence is the original's mean log-prob per token of each answer after its
+    prompt, first token left out (`answer_logprob`). Scored without the prompt,
+    loops such as "video video video" look as fluent as real answers (copying is
+    cheap for a language model), so the prompt stays; a refusal of a harmless
+    request then costs about 1.2 nats per token on Qwen2.5-Coder-0.5B, word salad
+    about 3, which is why `induce_search` allows a drop of 1.5.
+    """
     with steered(model, steering, layout):
         gen = generate(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=None)
     logp = answer_logprob(model, tokenizer, texts, gen.ids, batch_size)
@@ -223,17 +231,20 @@ class Induction:
     max_drop: float
 
 
-def induce_search(model, tokenizer, layout: Layout, candidates, texts: list[str], *, layers: list[int],
-                  strengths: list[float], target: float = 0.9, max_drop: float = 1.0, max_new_tokens: int = 24,
-                  batch_size: int = 32) -> Induction:
-    """Find (layer, strength) that makes harmless prompts refused while the answers stay coherent.
+def induce_search(model, tokenizer, layout: Layout, candidates, texts: list[str], *,
+                  layer_sets: list[tuple[int, ...]], strengths: list[float], max_drop: float = 1.5,
+                  max_new_tokens: int = 24, batch_size: int = 32) -> Induction:
+    """Find layers and strength that make harmless prompts refused while the answers stay coherent.
 
-    Coherent: no degenerate answers and mean log-prob per token (under the original)
-    at most `max_drop` nats below the original's own answers. Each layer uses its
-    own mean difference; strengths are tried in increasing order and a layer
-    stops at its first coherent success or its first incoherent result.
-    The choice: a coherent trial reaching `target` with the best coherence, else
-    the coherent trial with the highest rate.
+    Each layer set adds the mean difference of its middle layer at every layer in
+    the set; `strengths` are totals, divided over the set's layers (a wide set
+    needs less at each layer: on Qwen2.5-Coder-0.5B one layer plateaued at 71%
+    refusals while seven layers at a quarter of the strength each reached 98%).
+    Coherent: no degenerate answers and mean log-prob per token (see `measure`)
+    at most `max_drop` nats below the original's own answers. Strengths are tried
+    in increasing order; a set stops when every prompt is refused or at its first
+    incoherent result. The choice: the coherent trial with the highest rate
+    (ties: the better coherence).
     """
     base = generate(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=None)
     baseline = float(answer_logprob(model, tokenizer, texts, base.ids, batch_size).nanmean())
@@ -242,20 +253,21 @@ def induce_search(model, tokenizer, layout: Layout, candidates, texts: list[str]
         return b.degenerate == 0 and b.coherence >= baseline - max_drop
 
     trials = []
-    for layer in tqdm(layers, desc="induce search", leave=False, unit="layer"):
-        d = candidates.direction(layer)
-        for strength in sorted(strengths):
-            b = measure(model, tokenizer, layout, texts, Steering(d, strength, (layer,)),
+    for layers in tqdm(layer_sets, desc="induce search", leave=False, unit="set"):
+        d = candidates.direction(layers[len(layers) // 2])
+        for total in sorted(strengths):
+            b = measure(model, tokenizer, layout, texts, Steering(d, total / len(layers), tuple(layers)),
                         max_new_tokens=max_new_tokens, batch_size=batch_size)
             trials.append(b)
-            if not coherent(b) or b.rate >= target:
+            if not coherent(b) or b.rate >= 1.0:
                 break
     good = [b for b in trials if coherent(b)]
-    hits = [b for b in good if b.rate >= target]
-    if hits:
-        chosen = max(hits, key=lambda b: b.coherence)
-    elif good:
-        chosen = max(good, key=lambda b: (b.rate, b.coherence))
-    else:
-        chosen = min(trials, key=lambda b: b.strength)
+    chosen = max(good, key=lambda b: (b.rate, b.coherence)) if good else min(trials, key=lambda b: b.strength)
     return Induction(chosen, trials, baseline, max_drop)
+
+
+def default_layer_sets(n_layers: int) -> list[tuple[int, ...]]:
+    """One layer, three and seven around 60% of depth, where refusal directions usually sit."""
+    c = round(0.6 * n_layers)
+    sets = [(c,), tuple(range(c - 1, c + 2)), tuple(range(c - 3, c + 4))]
+    return [tuple(layer for layer in s if 1 <= layer < n_layers) for s in sets]
