@@ -232,7 +232,8 @@ class Induction:
 
 
 def induce_search(model, tokenizer, layout: Layout, candidates, texts: list[str], *,
-                  layer_sets: list[tuple[int, ...]], strengths: list[float], max_drop: float = 1.5,
+                  layer_sets: list[tuple[int, ...]], strengths: list[float], target: float = 0.9,
+                  max_drop: float = 1.5,
                   max_new_tokens: int = 24, batch_size: int = 32) -> Induction:
     """Find layers and strength that make harmless prompts refused while the answers stay coherent.
 
@@ -240,17 +241,20 @@ def induce_search(model, tokenizer, layout: Layout, candidates, texts: list[str]
     the set; `strengths` are totals, divided over the set's layers (a wide set
     needs less at each layer: on Qwen2.5-Coder-0.5B one layer plateaued at 71%
     refusals while seven layers at a quarter of the strength each reached 98%).
-    Coherent: no degenerate answers and mean log-prob per token (see `measure`)
+    Coherent: at most one answer in ten degenerate and mean log-prob per token (see `measure`)
     at most `max_drop` nats below the original's own answers. Strengths are tried
     in increasing order; a set stops when every prompt is refused or at its first
-    incoherent result. The choice: the coherent trial with the highest rate
-    (ties: the better coherence).
+    incoherent result. The choice: among coherent trials reaching `target`, the
+    most coherent; else the coherent trial with the highest rate. (Taking the
+    highest rate instead chose 97% at a coherence loss of 1.5 nats on the search
+    prompts, which became 89% at a loss of 1.7 on held-out ones.)
     """
     base = generate(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=None)
     baseline = float(answer_logprob(model, tokenizer, texts, base.ids, batch_size).nanmean())
 
     def coherent(b: Behaviour) -> bool:
-        return b.degenerate == 0 and b.coherence >= baseline - max_drop
+        # A refusal said twice in 24 tokens already reads as a loop; allow one answer in ten.
+        return b.degenerate <= 0.1 and b.coherence >= baseline - max_drop
 
     trials = []
     for layers in tqdm(layer_sets, desc="induce search", leave=False, unit="set"):
@@ -262,7 +266,13 @@ def induce_search(model, tokenizer, layout: Layout, candidates, texts: list[str]
             if not coherent(b) or b.rate >= 1.0:
                 break
     good = [b for b in trials if coherent(b)]
-    chosen = max(good, key=lambda b: (b.rate, b.coherence)) if good else min(trials, key=lambda b: b.strength)
+    hits = [b for b in good if b.rate >= target]
+    if hits:
+        chosen = max(hits, key=lambda b: b.coherence)
+    elif good:
+        chosen = max(good, key=lambda b: (b.rate, b.coherence))
+    else:
+        chosen = min(trials, key=lambda b: b.strength)
     return Induction(chosen, trials, baseline, max_drop)
 
 
