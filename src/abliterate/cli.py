@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import AbliterateError
+from .steer import INDUCE_MAX_DROP, INDUCE_STRENGTHS
 
 # Which RunConfig fields each command takes (the rest keep their defaults).
 _MODEL = ("device", "dtype", "allow_pickle", "trust_remote_code", "arch_spec", "batch_size")
@@ -386,10 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output directory (omit to measure without saving)")
     p.add_argument("--layers", help="layer sets to search, separated by ';', e.g. '14;13-15;11-17' "
                    "(default: 1, 3 and 7 layers around 60%% of depth)")
-    p.add_argument("--strengths", default="2,3,4,5,6",
+    p.add_argument("--strengths", default=",".join(f"{s:g}" for s in INDUCE_STRENGTHS),
                    help="total strengths to search, in mean differences, divided over a set's layers")
-    p.add_argument("--max-drop", type=float, default=1.5,
-                   help="largest coherence loss allowed, nats per token below the original's answers (default: 1.5)")
+    p.add_argument("--max-drop", type=float, default=INDUCE_MAX_DROP,
+                   help="largest coherence loss allowed, nats per token below the original's answers "
+                   f"(default: {INDUCE_MAX_DROP})")
     _add_config(p, _ALL)
     p.set_defaults(func=cmd_induce)
     return parser

@@ -36,7 +36,17 @@ from .models import Loaded, load_model
 from .prompts import ChatFormat, PromptSet, load_prompts
 from .refusal import is_refusal
 from .selection import Selection, select
-from .steer import Behaviour, Induction, Steering, bake_steering, default_layer_sets, induce_search, measure
+from .steer import (
+    INDUCE_MAX_DROP,
+    INDUCE_STRENGTHS,
+    Behaviour,
+    Induction,
+    Steering,
+    bake_steering,
+    default_layer_sets,
+    induce_search,
+    measure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +245,8 @@ class InduceResult:
 
 
 def induce(source: str, out: str | Path | None, cfg: RunConfig | None = None, *,
-           layer_sets: list[tuple[int, ...]] | None = None, strengths: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0),
-           max_drop: float = 1.5) -> InduceResult:
+           layer_sets: list[tuple[int, ...]] | None = None, strengths: tuple[float, ...] = INDUCE_STRENGTHS,
+           max_drop: float = INDUCE_MAX_DROP) -> InduceResult:
     """A model that refuses everything, coherently: the refusal direction added as a bias at one layer.
 
     The layer and strength are searched on held-out harmless prompts (see steer.induce_search);

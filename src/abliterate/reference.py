@@ -64,9 +64,6 @@ GEMMA3_270M = PackagedModel(
     ),
 )
 
-MODELS = {"qwen2.5-coder-0.5b-instruct": QWEN_CODER_05B, "smollm2-135m-instruct": SMOLLM2_135M,
-          "gemma-3-270m": GEMMA3_270M}
-
 
 def cache_dir() -> Path:
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "abliterate"

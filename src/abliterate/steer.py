@@ -29,6 +29,10 @@ from .errors import AbliterateError
 from .evaluation import answer_logprob, generate
 from .refusal import is_degenerate, is_refusal
 
+# Defaults of the induction search, used by the API and the CLI alike.
+INDUCE_STRENGTHS = (2.0, 3.0, 4.0, 5.0, 6.0)  # total strength over a layer set, in mean differences
+INDUCE_MAX_DROP = 1.5  # nats per token of coherence a setting may lose (see `measure`)
+
 
 @dataclass(frozen=True)
 class Steering:
@@ -233,7 +237,7 @@ class Induction:
 
 def induce_search(model, tokenizer, layout: Layout, candidates, texts: list[str], *,
                   layer_sets: list[tuple[int, ...]], strengths: list[float], target: float = 0.9,
-                  max_drop: float = 1.5,
+                  max_drop: float = INDUCE_MAX_DROP,
                   max_new_tokens: int = 24, batch_size: int = 32) -> Induction:
     """Find layers and strength that make harmless prompts refused while the answers stay coherent.
 
