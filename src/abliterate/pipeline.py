@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .activations import collect
+from .activations import Activations, collect
 from .arch import ArchSpec, Layout, resolve
 from .config import RunConfig
 from .directions import Candidates, Direction
@@ -32,9 +32,11 @@ from .edit import orthogonalize_, residual_component
 from .errors import AbliterateError
 from .evaluation import Evaluation, evaluate
 from .export import check_output, save_model, versions
+from .inspection import LayerStats, layer_stats
 from .models import Loaded, load_model
 from .prompts import ChatFormat, PromptSet, load_prompts
 from .refusal import is_refusal
+from .report import run_report, steer_report
 from .selection import Selection, select
 from .steer import (
     INDUCE_MAX_DROP,
@@ -91,45 +93,79 @@ def split(prompts: PromptSet, n_train: int, n_select: int, seed: int) -> tuple[l
     return items[n_select:n_select + n_train], items[:n_select]
 
 
-def compute_candidates(loaded: Loaded, fmt: ChatFormat, harmful: list[str], harmless: list[str],
-                       cfg: RunConfig, keep: bool = False) -> Candidates:
-    """Steps 3-4: mean activations of both sets at the post-instruction positions, and their differences."""
+def collect_pair(loaded: Loaded, fmt: ChatFormat, harmful: list[str], harmless: list[str], cfg: RunConfig,
+                 keep: bool = False) -> tuple[Activations, Activations]:
+    """Step 3: activations of both sets at the post-instruction positions (per prompt too, with `keep`)."""
     tok = loaded.tokenizer
     cfg.check()
     n_pos = fmt.n_post_instruction(tok) if cfg.positions == "all" else 1
     kw = dict(n_positions=n_pos, batch_size=cfg.batch_size, keep=keep)
     a = collect(loaded.model, tok, fmt.render_all(tok, harmful), desc="harmful activations", **kw)
     b = collect(loaded.model, tok, fmt.render_all(tok, harmless), desc="harmless activations", **kw)
+    return a, b
+
+
+def candidates_from(loaded: Loaded, harmful: list[str], harmless: list[str], a: Activations,
+                    b: Activations) -> Candidates:
+    """Step 4: the difference-of-means candidates, with what they were made from."""
     meta = {
         "model": loaded.source,
         "harmful_sha256": hashlib.sha256("\n".join(harmful).encode()).hexdigest(),
         "harmless_sha256": hashlib.sha256("\n".join(harmless).encode()).hexdigest(),
         "n_harmful": len(harmful), "n_harmless": len(harmless), "activation_tokens": a.tokens + b.tokens,
     }
+    n_pos = a.mean.shape[1]
     return Candidates(a.mean, b.mean, tuple(range(-n_pos, 0)), meta)
+
+
+def compute_candidates(loaded: Loaded, fmt: ChatFormat, harmful: list[str], harmless: list[str],
+                       cfg: RunConfig) -> Candidates:
+    """Steps 3-4: mean activations of both sets at the post-instruction positions, and their differences."""
+    a, b = collect_pair(loaded, fmt, harmful, harmless, cfg)
+    return candidates_from(loaded, harmful, harmless, a, b)
+
+
+@dataclass
+class Splits:
+    """Training prompts make the candidates; held-out ones score them."""
+
+    harmful_train: list[str]
+    harmful_select: list[str]
+    harmless_train: list[str]
+    harmless_select: list[str]
+
+
+def splits(cfg: RunConfig) -> Splits:
+    harmful = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train, cfg.n_select, cfg.seed)
+    harmless = split(load_prompts(cfg.harmless, column=cfg.column), cfg.n_train, cfg.n_select, cfg.seed)
+    return Splits(harmful[0], harmful[1], harmless[0], harmless[1])
+
+
+def choose(loaded: Loaded, layout: Layout, cands: Candidates, sp: Splits, cfg: RunConfig
+           ) -> tuple[Direction, Selection | None]:
+    """Step 5: the direction at `cfg.layer`, or the one selection picks."""
+    if cfg.layer is not None:
+        return cands.direction(cfg.layer, -1, cfg.projected), None
+    fmt, tok = chat_format(cfg), loaded.tokenizer
+    sel = select(
+        loaded.model, tok, layout, cands, fmt.render_all(tok, sp.harmful_select),
+        fmt.render_all(tok, sp.harmless_select), positions=cands.positions, projected=cfg.projected,
+        min_layer_frac=cfg.min_layer_frac, max_layer_frac=cfg.max_layer_frac, kl_max=cfg.select_kl_max,
+        batch_size=cfg.batch_size,
+    )
+    return sel.direction, sel
 
 
 def find_direction(loaded: Loaded, layout: Layout, cfg: RunConfig, timer: Timer | None = None
                    ) -> tuple[Direction, Candidates, Selection | None]:
     """Steps 2-5: prompts in, one chosen direction out."""
     timer = timer or Timer()
-    fmt = chat_format(cfg)
-    tok = loaded.tokenizer
-    harmful_train, harmful_sel = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train,
-                                       cfg.n_select, cfg.seed)
-    harmless_train, harmless_sel = split(load_prompts(cfg.harmless, column=cfg.column), cfg.n_train,
-                                         cfg.n_select, cfg.seed)
+    sp = splits(cfg)
     with timer("activations"):
-        cands = compute_candidates(loaded, fmt, harmful_train, harmless_train, cfg)
-    if cfg.layer is not None:
-        return cands.direction(cfg.layer, -1, cfg.projected), cands, None
+        cands = compute_candidates(loaded, chat_format(cfg), sp.harmful_train, sp.harmless_train, cfg)
     with timer("selection"):
-        sel = select(
-            loaded.model, tok, layout, cands, fmt.render_all(tok, harmful_sel), fmt.render_all(tok, harmless_sel),
-            positions=cands.positions, projected=cfg.projected, min_layer_frac=cfg.min_layer_frac,
-            max_layer_frac=cfg.max_layer_frac, kl_max=cfg.select_kl_max, batch_size=cfg.batch_size,
-        )
-    return sel.direction, cands, sel
+        direction, sel = choose(loaded, layout, cands, sp, cfg)
+    return direction, cands, sel
 
 
 def eval_sets(cfg: RunConfig) -> tuple[PromptSet, PromptSet]:
@@ -172,6 +208,7 @@ class RunResult:
     output: Path | None
     timings: dict[str, float]
     manifest: dict
+    report: str  # report.html, self-contained
 
 
 def side_by_side(before: Evaluation, after: Evaluation) -> dict:
@@ -221,6 +258,7 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     with timer("evaluate edited"):
         after = run_eval(loaded, cfg, eval_harmful, eval_harmless, reference=before)
     manifest = manifest_for(loaded, cfg, direction, selection, before, after, edited, timer.stages)
+    report = run_report(source, direction, before, after, selection, timer.stages)
     saved = None
     if out is not None:
         with timer("save"):
@@ -228,10 +266,11 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
                 direction.save(tmp / "direction.safetensors", cands)
                 (tmp / "metrics.json").write_text(json.dumps(manifest["metrics"], indent=2))
                 (tmp / "generations.json").write_text(json.dumps(side_by_side(before, after), indent=2))
+                (tmp / "report.html").write_text(report)
 
             saved = save_model(loaded, out, manifest=manifest, extra=extra, shard_size=cfg.shard_size,
                                force=cfg.force)
-    return RunResult(direction, before, after, selection, saved, timer.stages, manifest)
+    return RunResult(direction, before, after, selection, saved, timer.stages, manifest, report)
 
 
 @dataclass
@@ -242,6 +281,7 @@ class InduceResult:
     induced: Behaviour  # the steered model on the same prompts
     output: Path | None
     timings: dict[str, float]
+    report: str
 
 
 def induce(source: str, out: str | Path | None, cfg: RunConfig | None = None, *,
@@ -280,6 +320,13 @@ def induce(source: str, out: str | Path | None, cfg: RunConfig | None = None, *,
     with timer("evaluate"):
         original = measure(loaded.model, tok, layout, texts, Steering(steering.direction, 0.0, steering.layers), **kw)
         induced = measure(loaded.model, tok, layout, texts, steering, **kw)
+    info = {"layers": ", ".join(map(str, steering.layers)), "strength per layer": f"{steering.strength:.3f}",
+            "units": "multiples of the layer's mean difference",
+            "coherence of the original's answers (search prompts)": f"{search.baseline_coherence:.3f}",
+            "largest coherence loss allowed": max_drop,
+            "wall time": ", ".join(f"{k} {v:.1f} s" for k, v in timer.stages.items())}
+    report = steer_report(f"abliterate induce: {source}", source, info, original, induced,
+                          list(eval_harmless.prompts), trials=search.trials)
     saved = None
     if out is not None:
         with timer("save"):
@@ -288,17 +335,52 @@ def induce(source: str, out: str | Path | None, cfg: RunConfig | None = None, *,
                 "kind": "abliterate.induce", "model": source, "direction": steering.direction.describe(),
                 "steering": {"layers": list(steering.layers), "strength": steering.strength,
                              "units": "multiples of the layer's mean difference"},
-                "search": [asdict(b) | {"answers": b.answers[:3]} for b in search.trials],
+                "search": [asdict(b) | {"answers": b.answers[:3], "flags": b.flags[:3]} for b in search.trials],
                 "metrics": {"original": _behaviour(original), "induced": _behaviour(induced),
                             "baseline_coherence_search": search.baseline_coherence, "max_drop": max_drop},
                 "config": asdict(cfg), "versions": versions(), "timings_s": timer.stages,
             }
             baked = Loaded(model, tok, loaded.source, loaded.local_dir, loaded.gguf_file)
             saved = save_model(baked, out, manifest=manifest, shard_size=cfg.shard_size, force=cfg.force,
-                               extra=lambda tmp: steering.direction.save(tmp / "direction.safetensors"))
-    return InduceResult(steering, search, original, induced, saved, timer.stages)
+                               extra=lambda tmp: _write(tmp, steering.direction, report))
+    return InduceResult(steering, search, original, induced, saved, timer.stages, report)
+
+
+def _write(tmp: Path, direction: Direction, report: str) -> None:
+    direction.save(tmp / "direction.safetensors")
+    (tmp / "report.html").write_text(report)
 
 
 def _behaviour(b: Behaviour) -> dict:
     return {"rate": b.rate, "coherence": b.coherence, "degenerate": b.degenerate, "n": len(b.answers),
             "samples": b.answers[:3]}
+
+
+@dataclass
+class Inspection:
+    stats: list[LayerStats]
+    direction: Direction  # the chosen (or given) direction, marked in the stats
+    selection: Selection | None
+    candidates: Candidates
+
+
+def inspect_layers(loaded: Loaded, layout: Layout, cfg: RunConfig, direction: Direction | None = None,
+                   timer: Timer | None = None) -> Inspection:
+    """Steps 2-5 as `find_direction` runs them, keeping per-prompt activations for the layer geometry.
+
+    Without `direction`, the chosen layer is the one a run would choose (same prompts, same selection).
+    """
+    timer = timer or Timer()
+    sp = splits(cfg)
+    if direction is not None:
+        direction.check_model(layout.hidden_size, layout.n_layers)
+    with timer("activations"):
+        a, b = collect_pair(loaded, chat_format(cfg), sp.harmful_train, sp.harmless_train, cfg, keep=True)
+        cands = candidates_from(loaded, sp.harmful_train, sp.harmless_train, a, b)
+    selection = None
+    if direction is None:
+        with timer("selection"):
+            direction, selection = choose(loaded, layout, cands, sp, cfg)
+    p = cands.positions.index(direction.position) if direction.position in cands.positions else -1
+    stats = layer_stats(a.per_prompt[:, :, p], b.per_prompt[:, :, p], direction, selection)
+    return Inspection(stats, direction, selection, cands)

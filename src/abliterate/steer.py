@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -162,6 +162,7 @@ class Behaviour:
     coherence: float  # mean log-prob per token of the answers under the unsteered model (see `measure`)
     degenerate: float  # share of empty or looping answers
     answers: list[str]
+    flags: list[bool] = field(default_factory=list)  # which answers showed it
 
 
 def shows(text: str, markers: tuple[str, ...] | None) -> bool:
@@ -185,12 +186,12 @@ def measure(model, tokenizer, layout: Layout, texts: list[str], steering: Steeri
     """
     with steered(model, steering, layout):
         gen = generate(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=None)
+    flags = [shows(t, markers) for t in gen.text]
     logp = answer_logprob(model, tokenizer, texts, gen.ids, batch_size)
     return Behaviour(
         strength=steering.strength, layers=steering.layers,
-        rate=sum(shows(t, markers) for t in gen.text) / len(texts),
-        coherence=float(logp.nanmean()), degenerate=sum(map(is_degenerate, gen.text)) / len(texts),
-        answers=gen.text,
+        rate=sum(flags) / len(texts), coherence=float(logp.nanmean()),
+        degenerate=sum(map(is_degenerate, gen.text)) / len(texts), answers=gen.text, flags=flags,
     )
 
 
