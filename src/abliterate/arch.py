@@ -53,6 +53,8 @@ class ArchSpec:
     # as one), or None with the reason in `steer_bias_why`.
     steer_bias: str | None = None
     steer_bias_why: str = "no entry for this architecture"
+    # llama.cpp's name for the family (GGUF `general.architecture`), for GGUF files we write.
+    gguf_arch: str | None = None
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ArchSpec":
@@ -97,12 +99,13 @@ _GEMMA = ArchSpec(
 # Keyed by config.model_type. Qwen2 is Llama with q/k/v biases; Mistral and Phi-3
 # (fused qkv and gate_up, but plain o_proj / down_proj) write like Llama.
 SPECS: dict[str, ArchSpec] = {
-    "llama": _LLAMA,
-    "mistral": replace(_LLAMA_LIKE, steer_bias="as_llama"),
-    "qwen2": replace(_LLAMA_LIKE, steer_bias="as_llama"),
-    "qwen3": replace(_LLAMA_LIKE, steer_bias_why="Qwen3 normalises queries and keys, which no biased config "
+    "llama": replace(_LLAMA, gguf_arch="llama"),
+    "mistral": replace(_LLAMA_LIKE, steer_bias="as_llama", gguf_arch="llama"),  # llama.cpp runs Mistral as Llama
+    "qwen2": replace(_LLAMA_LIKE, steer_bias="as_llama", gguf_arch="qwen2"),
+    "qwen3": replace(_LLAMA_LIKE, gguf_arch="qwen3",
+                     steer_bias_why="Qwen3 normalises queries and keys, which no biased config "
                      "of another family expresses, and its own config has no MLP-bias switch"),
-    "phi3": replace(_LLAMA_LIKE, steer_bias_why="Phi-3's config has no MLP-bias switch"),
+    "phi3": replace(_LLAMA_LIKE, gguf_arch="phi3", steer_bias_why="Phi-3's config has no MLP-bias switch"),
     # transformers fuses MoE experts into one (experts, hidden, intermediate)
     # parameter; some blocks may be dense (mlp_only_layers), some have a shared expert.
     "qwen3_moe": ArchSpec(
@@ -113,6 +116,7 @@ SPECS: dict[str, ArchSpec] = {
         attn_hook="self_attn.o_proj",
         mlp_hook="mlp",
         steer_bias_why="fused experts have no output bias and the config has no switch for one",
+        gguf_arch="qwen3moe",
     ),
     "qwen2_moe": ArchSpec(
         layers="model.layers",
@@ -122,12 +126,14 @@ SPECS: dict[str, ArchSpec] = {
         attn_hook="self_attn.o_proj",
         mlp_hook="mlp",
         steer_bias_why="fused experts have no output bias and the config has no switch for one",
+        gguf_arch="qwen2moe",
     ),
-    "gemma2": _GEMMA,
-    "gemma3_text": _GEMMA,
+    "gemma2": replace(_GEMMA, gguf_arch="gemma2"),
+    "gemma3_text": replace(_GEMMA, gguf_arch="gemma3"),
     # Gemma 3 image-text: the language model sits one level down.
     "gemma3": ArchSpec(**{
         **asdict(_GEMMA),
+        "gguf_arch": "gemma3",
         "layers": "model.language_model.layers",
         "embeddings": ("model.language_model.embed_tokens",),
     }),
@@ -140,6 +146,7 @@ SPECS: dict[str, ArchSpec] = {
         attn_hook="attn.c_proj",
         mlp_hook="mlp.c_proj",
         steer_bias="native",
+        gguf_arch="gpt2",
     ),
 }
 

@@ -20,7 +20,7 @@ _PROMPTS = ("harmful", "harmless", "column", "n_train", "n_select", "system_prom
 _SELECT = ("positions", "projected", "layer", "min_layer_frac", "max_layer_frac", "select_kl_max")
 _EVAL = ("eval_harmful", "eval_harmless", "n_eval_harmful", "n_eval_harmless", "max_new_tokens", "kl_tokens",
          "system_prompt", "plain_prompts", "column")
-_SAVE = ("shard_size", "force")
+_SAVE = ("shard_size", "force", "gguf_fallback_type")
 _ALL = tuple(f.name for f in fields(RunConfig))
 
 
@@ -90,7 +90,14 @@ def cmd_run(args) -> int:
     print(_samples(result.before, result.after))
     print("\ntimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
     _write_report(args, result.report)
-    if result.output:
+    if result.output and result.output.suffix == ".gguf":
+        g = result.manifest["gguf"]
+        stem = result.output.with_suffix("")
+        print(f"\nsaved to {result.output}: {len(g['edited'])} tensors edited "
+              f"({', '.join(sorted(set(g['edited'].values())))}), {g['copied']} copied byte for byte"
+              + (f", added {', '.join(g['added'])}" if g["added"] else ""))
+        print(f"report: {stem}.report.html; Ollama: ollama create {stem.name} -f {stem}.Modelfile")
+    elif result.output:
         print(f"\nsaved to {result.output} (report: {result.output / 'report.html'})")
     return 0
 
@@ -148,16 +155,34 @@ def cmd_concept(args) -> int:
 def cmd_apply(args) -> int:
     from .directions import Direction
     from .export import check_output, save_model, versions
+    from .gguf_export import check_gguf_output, write_edited_gguf, write_modelfile
     from .pipeline import bake, load
 
     cfg = _config(args)
     direction = Direction.load(args.direction)
     loaded, layout = load(args.model, cfg)
     direction.check_model(layout.hidden_size, layout.n_layers)
-    check_output(args.output, loaded.local_dir, loaded.gguf_file, cfg.force)
+    to_gguf = str(args.output).endswith(".gguf")
+    if to_gguf and loaded.gguf_file is None:
+        raise AbliterateError(f"{args.output}: writing a GGUF file needs a GGUF input; give an output directory")
+    if to_gguf:
+        check_gguf_output(args.output, loaded.gguf_file, cfg.force)
+    else:
+        check_output(args.output, loaded.local_dir, loaded.gguf_file, cfg.force)
     edited = bake(loaded, layout, direction)
     manifest = {"kind": "abliterate.apply", "model": args.model, "direction": direction.describe(),
                 "edited_tensors": edited, "versions": versions()}
+    if to_gguf:
+        summary = write_edited_gguf(loaded.gguf_file, args.output, loaded.model, layout, edited,
+                                    fallback_type=cfg.gguf_fallback_type, force=cfg.force)
+        out = Path(summary["path"])
+        manifest["gguf"] = {k: v for k, v in summary.items() if k != "path"}
+        out.with_name(out.stem + ".manifest.json").write_text(json.dumps(manifest, indent=2))
+        modelfile = write_modelfile(out, loaded.tokenizer)
+        print(f"saved to {out}: {len(summary['edited'])} tensors edited "
+              f"({', '.join(sorted(set(summary['edited'].values())))}), {summary['copied']} copied byte for byte; "
+              f"Ollama: ollama create {out.stem} -f {modelfile}")
+        return 0
     out = save_model(loaded, args.output, manifest=manifest, shard_size=cfg.shard_size, force=cfg.force,
                      extra=lambda tmp: direction.save(tmp / "direction.safetensors"))
     print(f"saved to {out}")
@@ -252,6 +277,11 @@ def cmd_steer(args) -> int:
     report = steer_report(f"abliterate steer: {args.model}", args.model, info, base, steered_, prompts,
                           behaviour=what)
     _write_report(args, report)
+    if args.control_vector:
+        from .gguf_export import write_control_vector
+
+        cv = write_control_vector(args.control_vector, {layer: steering.vector() for layer in layers}, layout)
+        print(f"control vector: {cv} (llama.cpp: --control-vector {cv}; same addition as the hooks at scale 1)")
     if args.output:
         model = bake_steering(loaded.model, steering, layout)
         manifest = {"kind": "abliterate.steer", "model": args.model, "direction": direction.describe(),
@@ -423,6 +453,43 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_verify_gguf(args) -> int:
+    from . import llamacpp
+    from .gguf_export import read_control_vector
+    from .models import check_gguf
+    from .pipeline import chat_format, eval_sets
+
+    cfg = _config(args)
+    llamacpp.require()
+    harmful, harmless = eval_sets(cfg)
+    path = Path(args.model)
+    for p in (path, Path(args.original) if args.original else None):
+        if p is not None and not p.is_file():
+            raise AbliterateError(f"{p} does not exist; give a .gguf file")
+        if p is not None:
+            check_gguf(p)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    fmt = chat_format(cfg)
+    cvec = None
+    if args.control_vector:
+        _, cvec = read_control_vector(args.control_vector)
+        cvec = {layer: v.numpy() for layer, v in cvec.items()}
+    after, before, answers = llamacpp.evaluate(
+        path, args.original, fmt.render_all(tok, harmful.prompts), fmt.render_all(tok, harmless.prompts),
+        max_new_tokens=cfg.max_new_tokens, control_vector=cvec, control_scale=args.control_scale)
+    if before is not None:
+        print(_table(before, after))
+    else:
+        print(f"refusals {after.refusals}/{after.n_harmful}, over-refusals {after.over_refusals}/{after.n_harmless}")
+    if args.json:
+        report = {"model": args.model, "original": args.original, "engine": "llama.cpp",
+                  "after": after.to_dict(), "before": before.to_dict() if before else None, "answers": answers}
+        _atomic_write(args.json, json.dumps(report, indent=2))
+    return 0
+
+
 def _add_steer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
     p.add_argument("--direction", required=True, help="direction file (from `abliterate directions` or a run)")
@@ -502,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, required=True)
     p.add_argument("--show", type=int, default=3, help="answers to print side by side (default: 3)")
     p.add_argument("-o", "--output", help="bake the addition as a bias and save the model here")
+    p.add_argument("--control-vector", help="also write the addition as a llama.cpp control vector (.gguf)")
     p.add_argument("--report", help="also write report.html here (it is always saved inside -o)")
     _add_config(p, _MODEL + _SAVE + ("system_prompt", "plain_prompts", "max_new_tokens", "column"))
     p.set_defaults(func=cmd_steer)
@@ -556,6 +624,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", help="write the token-by-layer heatmap PNG here")
     _add_config(p, _MODEL + ("system_prompt", "plain_prompts"))
     p.set_defaults(func=cmd_tokens)
+
+    p = sub.add_parser("verify-gguf", help="refusals, over-refusals and KL of a GGUF, run in llama.cpp itself",
+                       description="Needs llama-cpp-python (pip install 'abliterate[llama]'). Example: "
+                       "abliterate verify-gguf out.gguf --original model.gguf; with a control vector: "
+                       "abliterate verify-gguf model.gguf --original model.gguf --control-vector cv.gguf "
+                       "--control-scale -1")
+    p.add_argument("model", help="the GGUF file to evaluate")
+    p.add_argument("--original", help="the original GGUF, for before/after and KL")
+    p.add_argument("--control-vector", help="apply this llama.cpp control vector to MODEL")
+    p.add_argument("--control-scale", type=float, default=1.0, help="its scale (default: 1)")
+    p.add_argument("--json", help="write metrics and answers to this JSON file")
+    _add_config(p, _EVAL)
+    p.set_defaults(func=cmd_verify_gguf)
 
     p = sub.add_parser("chat", help="chat with the original and the edited model side by side",
                        description="MODEL is an abliterate output (its original comes from manifest.json), or "

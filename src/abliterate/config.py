@@ -45,7 +45,9 @@ class RunConfig:
     seed: int = opt(0, "seed for prompt sampling")
     # output
     shard_size: str = opt("2GB", "largest safetensors shard")
-    force: bool = opt(False, "replace a non-empty output directory")
+    force: bool = opt(False, "replace a non-empty output directory (or an existing .gguf output)")
+    gguf_fallback_type: str | None = opt(None, "GGUF output: type for edited tensors whose original type cannot be "
+                                         "written here (e.g. Q8_0); default: stop with an error")
 
     def check(self) -> "RunConfig":
         """Raise on values no run can use, before any model is loaded."""

@@ -32,6 +32,7 @@ from .edit import orthogonalize_, residual_component
 from .errors import AbliterateError
 from .evaluation import Evaluation, evaluate
 from .export import check_output, save_model, versions
+from .gguf_export import check_gguf_output, write_control_vector, write_edited_gguf, write_modelfile
 from .inspection import LayerStats, layer_stats
 from .models import Loaded, load_model
 from .prompts import ChatFormat, PromptSet, load_prompts
@@ -246,9 +247,17 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     timer = Timer()
     torch.manual_seed(cfg.seed)
     eval_harmful, eval_harmless = eval_sets(cfg)  # bad prompt files fail before the model loads
+    to_gguf = out is not None and str(out).endswith(".gguf")
+    if to_gguf:  # also before loading: the input itself as output, or an existing file
+        check_gguf_output(out, Path(source).expanduser(), cfg.force)
     with timer("load"):
         loaded, layout = load(source, cfg)
-    if out is not None:
+    if to_gguf:
+        if loaded.gguf_file is None:
+            raise AbliterateError(f"{out}: writing a GGUF file needs a GGUF input (GGUF in, GGUF out); "
+                                  f"for a Hugging Face model, give an output directory")
+        check_gguf_output(out, loaded.gguf_file, cfg.force)
+    elif out is not None:
         check_output(out, loaded.local_dir, loaded.gguf_file, cfg.force)
     direction, cands, selection = find_direction(loaded, layout, cfg, timer)
     with timer("evaluate original"):
@@ -260,7 +269,10 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     manifest = manifest_for(loaded, cfg, direction, selection, before, after, edited, timer.stages)
     report = run_report(source, direction, before, after, selection, timer.stages)
     saved = None
-    if out is not None:
+    if to_gguf:
+        with timer("save"):
+            saved = save_gguf(loaded, layout, out, direction, cands, edited, manifest, report, cfg)
+    elif out is not None:
         with timer("save"):
             def extra(tmp: Path) -> None:
                 direction.save(tmp / "direction.safetensors", cands)
@@ -271,6 +283,21 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
             saved = save_model(loaded, out, manifest=manifest, extra=extra, shard_size=cfg.shard_size,
                                force=cfg.force)
     return RunResult(direction, before, after, selection, saved, timer.stages, manifest, report)
+
+
+def save_gguf(loaded: Loaded, layout: Layout, out: str | Path, direction: Direction, cands: Candidates,
+              edited: list[str], manifest: dict, report: str, cfg: RunConfig) -> Path:
+    """Step 9 for GGUF in, GGUF out: the edited copy, then its companions next to it (NAME.*)."""
+    summary = write_edited_gguf(loaded.gguf_file, out, loaded.model, layout, edited,
+                                fallback_type=cfg.gguf_fallback_type, force=cfg.force)
+    path = Path(summary["path"])
+    manifest["gguf"] = {k: v for k, v in summary.items() if k != "path"}
+    stem = path.with_suffix("")
+    direction.save(stem.with_name(stem.name + ".direction.safetensors"), cands)
+    stem.with_name(stem.name + ".manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    stem.with_name(stem.name + ".report.html").write_text(report)
+    write_modelfile(path, loaded.tokenizer)
+    return path
 
 
 @dataclass
@@ -342,13 +369,16 @@ def induce(source: str, out: str | Path | None, cfg: RunConfig | None = None, *,
             }
             baked = Loaded(model, tok, loaded.source, loaded.local_dir, loaded.gguf_file)
             saved = save_model(baked, out, manifest=manifest, shard_size=cfg.shard_size, force=cfg.force,
-                               extra=lambda tmp: _write(tmp, steering.direction, report))
+                               extra=lambda tmp: _write(tmp, steering, layout, report))
     return InduceResult(steering, search, original, induced, saved, timer.stages, report)
 
 
-def _write(tmp: Path, direction: Direction, report: str) -> None:
-    direction.save(tmp / "direction.safetensors")
+def _write(tmp: Path, steering: Steering, layout: Layout, report: str) -> None:
+    steering.direction.save(tmp / "direction.safetensors")
     (tmp / "report.html").write_text(report)
+    if layout.spec.gguf_arch and min(steering.layers) >= 2:
+        vectors = {layer: steering.vector() for layer in steering.layers}
+        write_control_vector(tmp / "control_vector.gguf", vectors, layout)
 
 
 def _behaviour(b: Behaviour) -> dict:

@@ -139,7 +139,7 @@ def plot_token_heatmap(view: TokenView, path: str | Path | None = None) -> bytes
     ax.set_ylabel("layer")
     ax.axhline(view.layer, color="black", lw=0.8, ls=":")
     fig.colorbar(im, ax=ax, label="cosine(residual, direction)", fraction=0.03, extend="both")
-    ax.set_title("Projection of each token's residual onto the direction")
+    ax.set_title("Cosine of each token's residual stream with the direction, by layer")
     fig.tight_layout()
     return _save(fig, path)
 
