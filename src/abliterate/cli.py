@@ -162,6 +162,23 @@ def cmd_apply(args) -> int:
     direction = Direction.load(args.direction)
     loaded, layout = load(args.model, cfg)
     direction.check_model(layout.hidden_size, layout.n_layers)
+    if args.adapter:
+        from .adapters import save_lora_adapter
+        from .export import write_dir_atomic
+
+        out = check_output(args.output, loaded.local_dir, loaded.gguf_file, cfg.force)
+        manifest = {"kind": "abliterate.adapter", "model": args.model, "direction": direction.describe(),
+                    "versions": versions()}
+
+        def fill(tmp: Path) -> None:
+            save_lora_adapter(loaded.model, layout, direction, tmp, base=args.model)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            direction.save(tmp / "direction.safetensors")
+
+        write_dir_atomic(out, fill, cfg.force)
+        print(f"PEFT LoRA adapter (rank 1 per writer) saved to {out}; load it with "
+              f"PeftModel.from_pretrained(base_model, '{out}')")
+        return 0
     to_gguf = str(args.output).endswith(".gguf")
     if to_gguf and loaded.gguf_file is None:
         raise AbliterateError(f"{args.output}: writing a GGUF file needs a GGUF input; give an output directory")
@@ -548,7 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Example: abliterate apply ./model --direction refusal.safetensors -o ./out")
     p.add_argument("model")
     p.add_argument("--direction", required=True, help="direction file from `abliterate directions` or a run")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="model directory, NAME.gguf (for a GGUF input), or "
+                   "with --adapter an adapter directory")
+    p.add_argument("--adapter", action="store_true", help="write the edit as a PEFT LoRA adapter (rank 1 per "
+                   "writer, exact) instead of a whole model")
     _add_config(p, _MODEL + _SAVE)
     p.set_defaults(func=cmd_apply)
 

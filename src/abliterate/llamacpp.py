@@ -55,10 +55,12 @@ def answer(llm, text: str, max_new_tokens: int) -> str:
 
 def next_logprobs(llm, text: str) -> np.ndarray:
     """log-softmax of the logits after a formatted prompt, (V,)."""
+    llama_cpp = require()
     llm.reset()
-    ids = tokens(llm, text)
-    llm.eval(ids)
-    logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+    llm.eval(tokens(llm, text))
+    # Read the context's last logits directly: without logits_all, `llm.scores` is not filled.
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    logits = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(np.float64)
     logits -= logits.max()
     return logits - np.log(np.exp(logits).sum())
 
@@ -66,13 +68,13 @@ def next_logprobs(llm, text: str) -> np.ndarray:
 def apply_control_vector(llm, vectors: dict[int, np.ndarray], scale: float) -> None:
     """Load a control vector into the context, as `--control-vector-scaled` does (our layer -> vector)."""
     llama_cpp = require()
-    n_embd, n_layer = llm.n_embd(), llm._model.n_layer() if hasattr(llm._model, "n_layer") else None
-    n_layer = n_layer or int(llm.metadata.get(f"{llm.metadata['general.architecture']}.block_count"))
+    n_embd = llm.n_embd()
+    n_layer = int(llm.metadata[f"{llm.metadata['general.architecture']}.block_count"])
     data = np.zeros((n_layer - 1) * n_embd, dtype=np.float32)  # llama.cpp's layout: blocks 1 .. n_layer - 1
     for layer, v in vectors.items():
         n = layer - 1
         data[(n - 1) * n_embd: n * n_embd] += scale * np.asarray(v, dtype=np.float32)
-    fn = getattr(llama_cpp, "llama_apply_adapter_cvec", None) or getattr(llama_cpp, "llama_control_vector_apply")
+    fn = getattr(llama_cpp, "llama_set_adapter_cvec", None) or llama_cpp.llama_apply_adapter_cvec
     ctx = llm._ctx.ctx
     ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
     if fn(ctx, ptr, data.size, n_embd, 1, n_layer - 1) != 0:

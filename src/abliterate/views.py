@@ -179,10 +179,10 @@ def _cell(value) -> str:
     return f"<td>{html.escape('-' if value is None else str(value))}</td>"
 
 
-def html_table(header: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+def html_table(header: list[str] | None, rows: list[list]) -> str:
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def _token_line(tokens: list[str], values: list[float], cosine: list[float], raw: list[float]) -> str:
@@ -225,7 +225,7 @@ def report_html(title: str, *, info: dict, metrics: tuple[list[str], list[list]]
     `flags[i]` marks which of the two answers to prompt i counted as the behaviour
     (a refusal); those cells are shaded.
     """
-    body = [html_table(["", ""], [[k, v] for k, v in info.items()])]
+    body = [html_table(None, [[k, str(v)] for k, v in info.items()])]
     if metrics:
         body += ["<h2>Metrics</h2>", html_table(*metrics)]
     for caption, png in images:
