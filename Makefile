@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # An unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install browser llama demo test test-fast bench clean
+.PHONY: install browser llama demo test test-fast bench bench-gguf clean
 
 $(BIN)/abliterate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_pipeline.py
+
+bench-gguf: install llama
+	$(BIN)/python benchmarks/bench_gguf.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -229,3 +229,37 @@ def test_run_refuses_gguf_output_for_a_non_gguf_input_and_the_input_as_output(ca
     code, _, err = run_cli(capsys, "run", g, "-o", g)
     assert_clean_error(code, err, "is the input model file")
     assert g.read_bytes() == b"GGUF"
+
+
+def test_lora_gguf_is_the_edit_in_llama_cpp_layout(capsys, tmp_path, model_dirs):
+    """Read back as llama.cpp reads it (W + B A; token_embd rows + A[t] B^T), the adapter gives the baked weights."""
+    from test_cli import run_cli
+
+    from abliterate import orthogonalize_
+    from abliterate.gguf_export import gguf_names
+
+    src = model_dirs["qwen2"]
+    loaded = load_model(str(src))
+    layout = resolve(loaded.model)
+    d = Direction(torch.nn.functional.normalize(torch.randn(layout.hidden_size), dim=0), layer=2)
+    d.save(tmp_path / "d.safetensors")
+    code, _, err = run_cli(capsys, "apply", src, "--direction", tmp_path / "d.safetensors", "--adapter", "-o",
+                           tmp_path / "lora.gguf")
+    assert code == 0, err
+    reader = gguf.GGUFReader(str(tmp_path / "lora.gguf"))
+    fields = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["general.architecture"] == "qwen2" and fields["adapter.lora.alpha"] == 1.0
+    t = {x.name: torch.from_numpy(np.array(x.data)) for x in reader.tensors}
+    original = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    edited = orthogonalize_(loaded.model, d, layout)
+    baked = dict(loaded.model.named_parameters())
+    names = gguf_names(layout, "qwen2", edited)
+    assert {f"{g}.lora_a" for g in names.values()} | {f"{g}.lora_b" for g in names.values()} == set(t)
+    for hf, g in names.items():
+        a, b = t[f"{g}.lora_a"], t[f"{g}.lora_b"]
+        if g == "token_embd.weight":
+            got = original[hf] + a @ b.T  # rows looked up from A, times B (llama.cpp's flipped embedding LoRA)
+        else:
+            got = original[hf] + b @ a
+        torch.testing.assert_close(got, baked[hf].detach(), rtol=1e-5, atol=1e-5, msg=hf)

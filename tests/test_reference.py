@@ -319,3 +319,38 @@ def test_gguf_round_trip_loads_and_generates_in_llama_cpp(which, tmp_path):
     llm = llamacpp.load(dst)
     text = llm.create_completion("The capital of France is", max_tokens=8, temperature=0.0)["choices"][0]["text"]
     assert text.strip(), "no text generated"
+
+
+def test_lora_gguf_in_llama_cpp_matches_the_hf_edit(demo, qwen_dir, shared_prompts, tmp_path):
+    """The rank-one LoRA (F32) on the untouched quantized GGUF: refusals as on the HF path, within 2."""
+    _llama_cpp()
+    out, _ = demo
+    hf = json.loads((out / "manifest.json").read_text())["metrics"]
+    lora = tmp_path / "refusal-lora.gguf"
+    assert main(["-q", "apply", str(qwen_dir), "--direction", str(out / "direction.safetensors"), "--adapter",
+                 "-o", str(lora)]) == 0
+    assert lora.stat().st_size < 5_000_000  # 1.3 MB: two vectors per writer
+    src = reference.fetch(reference.QWEN_CODER_05B)
+    js = tmp_path / "lora.json"
+    code = main(["-q", "verify-gguf", str(src), "--lora", str(lora), "--eval-harmful",
+                 str(shared_prompts / "harmful_val.json"), "--n-eval-harmless", "8", "--json", str(js)])
+    assert code == 0
+    after = json.loads(js.read_text())["after"]
+    assert abs(after["refusals"] - hf["after"]["refusals"]) <= 2, (after, hf["after"])
+
+
+def test_french_concept_shifts_answers_on_the_reference_model(qwen_dir, tmp_path):
+    """Built-in English/French pair on Qwen2.5-Coder: held-out English prompts answered in French.
+
+    Measure: share of answers containing French function words. Measured: 0.0 at strength 0,
+    0.4 at 2, 0.5 at 3 (some of the rest drift to Spanish or Portuguese).
+    """
+    fr = tmp_path / "fr.safetensors"
+    assert main(["-q", "concept", str(qwen_dir), "--positive", "builtin:french:train", "--negative",
+                 "builtin:english:train", "-o", str(fr)]) == 0
+    js = tmp_path / "s.json"
+    markers = [x for m in (" le ", " la ", " est ", " les ", " et ", " une ") for x in ("--marker", m)]
+    assert main(["-q", "sweep", str(qwen_dir), "--direction", str(fr), "--prompts", "builtin:english:test", "-n",
+                 "10", "--strengths", "0,3", "--max-new-tokens", "24", *markers, "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())
+    assert rows[0]["rate"] <= 0.1 and rows[1]["rate"] >= rows[0]["rate"] + 0.3, rows

@@ -162,6 +162,12 @@ def cmd_apply(args) -> int:
     direction = Direction.load(args.direction)
     loaded, layout = load(args.model, cfg)
     direction.check_model(layout.hidden_size, layout.n_layers)
+    if args.adapter and str(args.output).endswith(".gguf"):
+        from .gguf_export import write_lora_gguf
+
+        path = write_lora_gguf(args.output, layout, direction, base=args.model, force=cfg.force)
+        print(f"llama.cpp LoRA adapter saved to {path}; use it with: llama-cli -m MODEL.gguf --lora {path}")
+        return 0
     if args.adapter:
         from .adapters import save_lora_adapter
         from .export import write_dir_atomic
@@ -495,7 +501,7 @@ def cmd_verify_gguf(args) -> int:
         cvec = {layer: v.numpy() for layer, v in cvec.items()}
     after, before, answers = llamacpp.evaluate(
         path, args.original, fmt.render_all(tok, harmful.prompts), fmt.render_all(tok, harmless.prompts),
-        max_new_tokens=cfg.max_new_tokens, control_vector=cvec, control_scale=args.control_scale)
+        max_new_tokens=cfg.max_new_tokens, control_vector=cvec, control_scale=args.control_scale, lora=args.lora)
     if before is not None:
         print(_table(before, after))
     else:
@@ -567,8 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", required=True, help="direction file from `abliterate directions` or a run")
     p.add_argument("-o", "--output", required=True, help="model directory, NAME.gguf (for a GGUF input), or "
                    "with --adapter an adapter directory")
-    p.add_argument("--adapter", action="store_true", help="write the edit as a PEFT LoRA adapter (rank 1 per "
-                   "writer, exact) instead of a whole model")
+    p.add_argument("--adapter", action="store_true", help="write the edit as a LoRA adapter (rank 1 per writer, "
+                   "exact) instead of a whole model: a PEFT directory, or a llama.cpp LoRA when -o ends in .gguf")
     _add_config(p, _MODEL + _SAVE)
     p.set_defaults(func=cmd_apply)
 
@@ -654,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--original", help="the original GGUF, for before/after and KL")
     p.add_argument("--control-vector", help="apply this llama.cpp control vector to MODEL")
     p.add_argument("--control-scale", type=float, default=1.0, help="its scale (default: 1)")
+    p.add_argument("--lora", help="apply this llama.cpp LoRA adapter (.gguf) to MODEL")
     p.add_argument("--json", help="write metrics and answers to this JSON file")
     _add_config(p, _EVAL)
     p.set_defaults(func=cmd_verify_gguf)

@@ -274,3 +274,45 @@ def write_modelfile(gguf_path: Path, tokenizer) -> Path:
     path = gguf_path.with_name(f"{name}.Modelfile")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_lora_gguf(path: str | Path, layout: Layout, direction, base: str, force: bool = False) -> Path:
+    """The edit as a llama.cpp LoRA adapter GGUF (`llama-cli -m model.gguf --lora NAME.gguf`).
+
+    Rank one per writer, alpha 1 (scale 1), F32. For each matrix, `lora_a` holds u^T W
+    (ggml shape [in, 1]) and `lora_b` holds -u ([1, out]). llama.cpp applies a
+    `token_embd` LoRA to the looked-up rows with A and B flipped: there `lora_a` is
+    E r ([1, vocab]) and `lora_b` is -r ([1, hidden]).
+    """
+    import gguf
+
+    from .adapters import lora_factors
+
+    path = Path(path)
+    if path.exists() and not force:
+        raise AbliterateError(f"output {path} exists; pass --force to replace it")
+    if layout.spec.gguf_arch is None:
+        raise AbliterateError("this architecture has no llama.cpp name (ArchSpec.gguf_arch); set it with --arch-spec")
+    factors = lora_factors(layout, direction)
+    names = gguf_names(layout, layout.spec.gguf_arch, [f"{name}.weight" for name in factors])
+    tmp = _tmp_next_to(path)
+    writer = gguf.GGUFWriter(tmp, layout.spec.gguf_arch)
+    writer.add_string("general.type", "adapter")
+    writer.add_string("general.name", f"abliterate {base}")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", 1.0)
+    for name, (kind, a, b) in factors.items():
+        target = names[f"{name}.weight"]
+        if kind == "embedding":
+            a, b = a.T, b  # (vocab, 1) and (hidden, 1): flipped, as llama.cpp reads token_embd LoRA
+        writer.add_tensor(f"{target}.lora_a", a.contiguous().numpy().astype(np.float32))
+        writer.add_tensor(f"{target}.lora_b", b.contiguous().numpy().astype(np.float32))
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

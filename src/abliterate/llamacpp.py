@@ -30,14 +30,15 @@ def require():
     return llama_cpp
 
 
-def load(path: str | Path, n_ctx: int = 1024):
+def load(path: str | Path, n_ctx: int = 1024, lora: str | Path | None = None):
     llama_cpp = require()
     path = Path(path)
-    if not path.is_file():
-        raise AbliterateError(f"{path} does not exist")
+    for p in (path, lora):
+        if p is not None and not Path(p).is_file():
+            raise AbliterateError(f"{p} does not exist")
     try:
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count(), verbose=False,
-                               logits_all=False, seed=0)
+                               logits_all=False, seed=0, lora_path=str(lora) if lora else None)
     except Exception as e:  # llama.cpp refuses the file
         raise AbliterateError(f"llama.cpp could not load {path} ({e})") from e
 
@@ -83,10 +84,13 @@ def apply_control_vector(llm, vectors: dict[int, np.ndarray], scale: float) -> N
 
 def evaluate(edited: str | Path, original: str | Path | None, harmful: list[str], harmless: list[str], *,
              max_new_tokens: int = 32, control_vector: dict[int, np.ndarray] | None = None,
-             control_scale: float = 1.0) -> tuple[Metrics, Metrics | None, dict]:
-    """Metrics of `edited` (and of `original`, with KL against it) on formatted prompts, in llama.cpp."""
-    def run(path, cvec=None):
-        llm = load(path)
+             control_scale: float = 1.0, lora: str | Path | None = None) -> tuple[Metrics, Metrics | None, dict]:
+    """Metrics of `edited` (and of `original`, with KL against it) on formatted prompts, in llama.cpp.
+
+    `control_vector` and `lora` apply to `edited` only.
+    """
+    def run(path, cvec=None, lora=None):
+        llm = load(path, lora=lora)
         if cvec:
             apply_control_vector(llm, cvec, control_scale)
         h = [answer(llm, t, max_new_tokens) for t in tqdm(harmful, desc="llama.cpp harmful", leave=False)]
@@ -95,7 +99,7 @@ def evaluate(edited: str | Path, original: str | Path | None, harmful: list[str]
         del llm
         return h, s, lp
 
-    h, s, lp = run(edited, control_vector)
+    h, s, lp = run(edited, control_vector, lora)
     metrics = Metrics(sum(map(is_refusal, h)), len(h), sum(map(is_refusal, s)), len(s))
     answers = {"harmful": h, "harmless": s}
     before = None
