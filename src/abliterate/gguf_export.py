@@ -21,6 +21,19 @@ def _tmp_next_to(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def _finish(writer, tmp: Path, path: Path) -> Path:
+    """Write everything the GGUF writer holds to `tmp`, then move it onto `path` (nothing half-written)."""
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def control_vector_layer(layer: int, n_layers: int) -> int:
     """The control-vector index llama.cpp uses for an addition entering our `layer`.
 
@@ -60,15 +73,7 @@ def write_control_vector(path: str | Path, vectors: dict[int, torch.Tensor], lay
     writer.add_uint32(f"{CONTROL_VECTOR_ARCH}.layer_count", len(index))
     for n in sorted(index):
         writer.add_tensor(f"direction.{n}", index[n].detach().float().cpu().numpy().astype(np.float32))
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return _finish(writer, tmp, path)
 
 
 def read_control_vector(path: str | Path) -> tuple[str, dict[int, torch.Tensor]]:
@@ -234,14 +239,7 @@ def write_edited_gguf(source: Path, out: str | Path, model: torch.nn.Module, lay
             writer.add_tensor("output.weight", tensors["token_embd.weight"].data,
                               raw_dtype=tensors["token_embd.weight"].tensor_type)
             summary["added"].append("output.weight")
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _finish(writer, tmp, out)
     summary["path"] = str(out)
     return summary
 
@@ -307,12 +305,4 @@ def write_lora_gguf(path: str | Path, layout: Layout, direction, base: str, forc
             a, b = a.T, b  # (vocab, 1) and (hidden, 1): flipped, as llama.cpp reads token_embd LoRA
         writer.add_tensor(f"{target}.lora_a", a.contiguous().numpy().astype(np.float32))
         writer.add_tensor(f"{target}.lora_b", b.contiguous().numpy().astype(np.float32))
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return _finish(writer, tmp, path)
