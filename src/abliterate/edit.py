@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .arch import Layout, Writer, resolve, text_config
 from .directions import Direction
@@ -120,7 +121,7 @@ def orthogonalize_(model: nn.Module, direction: Direction, layout: Layout | None
     for w in layout.embeddings:
         _orthogonalize_(w, r)
         edited.append(w.name)
-    for block in layout.blocks:
+    for block in tqdm(layout.blocks, desc="orthogonalize", leave=False, unit="block"):
         for writers, scale in ((block.attn, block.attn_scale), (block.mlp, block.mlp_scale)):
             u = r if scale is None else nn.functional.normalize(r * scale.to(r.device), dim=0)
             for w in writers:

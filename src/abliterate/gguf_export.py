@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .arch import Layout
 from .errors import AbliterateError
@@ -26,7 +27,7 @@ def _finish(writer, tmp: Path, path: Path) -> Path:
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_tensors_to_file(progress=True)
         writer.close()
         tmp.replace(path)
     finally:
@@ -221,7 +222,7 @@ def write_edited_gguf(source: Path, out: str | Path, model: torch.nn.Module, lay
         writer.data_alignment = int(reader.fields["general.alignment"].contents())
     summary = {"edited": {}, "copied": 0, "added": []}
     tied_head = "token_embd.weight" in by_gguf and "output.weight" not in tensors
-    for t in reader.tensors:
+    for t in tqdm(reader.tensors, desc="GGUF tensors", leave=False, unit="tensor"):
         if t.name in by_gguf:
             value = params[by_gguf[t.name]].detach().float().cpu().numpy()
             expected = tuple(int(x) for x in reversed(t.shape))
