@@ -39,8 +39,9 @@ def control_vector_layer(layer: int, n_layers: int) -> int:
     """The control-vector index llama.cpp uses for an addition entering our `layer`.
 
     llama.cpp adds vector N to the output of block N (Hugging Face's hidden_states[N + 1]),
-    which is the input of block N + 1; it reads N from 1 to n_layers - 1 (direction.0 is
-    refused). So our layers 2 .. n_layers - 1 can be expressed, as N = layer - 1.
+    which is the input of block N + 1. Its control-vector buffer starts at block 1
+    (llama_set_adapter_cvec: "an n_embd x n_layers buffer starting from layer 1"), so our
+    layers 2 .. n_layers - 1 can be expressed, as N = layer - 1.
     """
     if not 2 <= layer < n_layers:
         raise AbliterateError(
