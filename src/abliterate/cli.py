@@ -414,7 +414,7 @@ def cmd_tokens(args) -> int:
     text = chat_format(cfg).render(loaded.tokenizer, args.prompt)
     view = token_projections(loaded.model, loaded.tokenizer, text, direction, layer=args.layer)
     render_terminal(view)
-    heat = plot_token_heatmap(view)
+    heat = plot_token_heatmap(view) if args.heatmap or args.html else None
     if args.heatmap:
         print(f"heatmap: {_atomic_write(args.heatmap, heat)}")
     if args.html:
