@@ -15,18 +15,24 @@ def _direction(hidden: int, layer: int = 2) -> Direction:
     return Direction(torch.nn.functional.normalize(torch.randn(hidden, generator=g), dim=0), layer=layer)
 
 
+def _export_adapter(capsys, tmp_path, src):
+    """`apply --adapter` on `src` with a fixed random direction: (loaded original, layout, direction)."""
+    base = load_model(str(src))
+    layout = resolve(base.model)
+    d = _direction(layout.hidden_size)
+    d.save(tmp_path / "d.safetensors")
+    code, _, err = run_cli(capsys, "apply", src, "--direction", tmp_path / "d.safetensors", "-o",
+                           tmp_path / "adapter", "--adapter")
+    assert code == 0, err
+    return base, layout, d
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
 def test_merged_adapter_equals_baked_weights(capsys, tmp_path, model_dirs, arch):
     from transformers import AutoModelForCausalLM
 
     src = model_dirs[arch]
-    base = load_model(str(src))
-    layout = resolve(base.model)
-    d = _direction(layout.hidden_size)
-    d.save(tmp_path / "d.safetensors")
-    code, out, err = run_cli(capsys, "apply", src, "--direction", tmp_path / "d.safetensors", "-o",
-                             tmp_path / "adapter", "--adapter")
-    assert code == 0, err
+    base, layout, d = _export_adapter(capsys, tmp_path, src)
     files = {p.name for p in (tmp_path / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json"} <= files
     # Fewer bytes than the model: two vectors per writer.
@@ -46,13 +52,7 @@ def test_unmerged_adapter_on_a_tied_model_runs_like_the_baked_model(capsys, tmp_
     from transformers import AutoModelForCausalLM
 
     src = model_dirs["llama_tied"]
-    base = load_model(str(src))
-    layout = resolve(base.model)
-    d = _direction(layout.hidden_size)
-    d.save(tmp_path / "d.safetensors")
-    code, _, err = run_cli(capsys, "apply", src, "--direction", tmp_path / "d.safetensors", "-o",
-                           tmp_path / "adapter", "--adapter")
-    assert code == 0, err
+    base, layout, d = _export_adapter(capsys, tmp_path, src)
     ids = base.tokenizer(["Write a poem about bread."], return_tensors="pt").input_ids
     fresh = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     with_adapter = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()

@@ -194,6 +194,13 @@ class Layout:
         return len(self.blocks)
 
 
+def check_layer(layer: int, n_layers: int) -> int:
+    """`layer` if it indexes one of `n_layers` blocks; else the error every command gives."""
+    if not 0 <= layer < n_layers:
+        raise AbliterateError(f"layer {layer} is out of range; this model has layers 0..{n_layers - 1}")
+    return layer
+
+
 def model_type(model: nn.Module) -> str:
     return getattr(model.config, "model_type", type(model).__name__)
 

@@ -17,7 +17,7 @@ from itertools import zip_longest
 import torch
 
 from .errors import AbliterateError
-from .evaluation import _eos_ids
+from .evaluation import eos_ids
 from .prompts import ChatFormat
 
 
@@ -47,7 +47,7 @@ class Speaker:
         tok = self.tokenizer
         device = next(self.model.parameters()).device
         ids = tok(self.render(message), add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-        eos = _eos_ids(self.model, tok)
+        eos = eos_ids(self.model, tok)
         past, out_ids, text = None, [], ""
         for _ in range(max_new_tokens):
             with self.context():

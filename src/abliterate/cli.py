@@ -91,24 +91,23 @@ def cmd_run(args) -> int:
     print("\ntimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
     _write_report(args, result.report)
     if result.output and result.output.suffix == ".gguf":
-        g = result.manifest["gguf"]
-        stem = result.output.with_suffix("")
-        print(f"\nsaved to {result.output}: {len(g['edited'])} tensors edited "
-              f"({', '.join(sorted(set(g['edited'].values())))}), {g['copied']} copied byte for byte"
-              + (f", added {', '.join(g['added'])}" if g["added"] else ""))
-        print(f"report: {stem}.report.html; Ollama: ollama create {stem.name} -f {stem}.Modelfile")
+        _print_gguf(result.output, result.manifest)
     elif result.output:
         print(f"\nsaved to {result.output} (report: {result.output / 'report.html'})")
     return 0
 
 
+def _print_gguf(path: Path, manifest: dict) -> None:
+    g = manifest["gguf"]
+    stem = path.with_suffix("")
+    print(f"\nsaved to {path}: {len(g['edited'])} tensors edited ({', '.join(sorted(set(g['edited'].values())))}), "
+          f"{g['copied']} copied byte for byte" + (f", added {', '.join(g['added'])}" if g["added"] else ""))
+    print(f"Ollama: ollama create {stem.name} -f {stem}.Modelfile")
+
+
 def _write_report(args, report: str) -> None:
     if getattr(args, "report", None):
-        path = Path(args.report)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(report)
-        tmp.replace(path)
-        print(f"report: {path}")
+        print(f"report: {_atomic_write(args.report, report)}")
 
 
 def cmd_demo(args) -> int:
@@ -155,8 +154,7 @@ def cmd_concept(args) -> int:
 def cmd_apply(args) -> int:
     from .directions import Direction
     from .export import check_output, save_model, versions
-    from .gguf_export import check_gguf_output, write_edited_gguf, write_modelfile
-    from .pipeline import bake, load
+    from .pipeline import bake, check_outputs, load, save_gguf
 
     cfg = _config(args)
     direction = Direction.load(args.direction)
@@ -185,26 +183,12 @@ def cmd_apply(args) -> int:
         print(f"PEFT LoRA adapter (rank 1 per writer) saved to {out}; load it with "
               f"PeftModel.from_pretrained(base_model, '{out}')")
         return 0
-    to_gguf = str(args.output).endswith(".gguf")
-    if to_gguf and loaded.gguf_file is None:
-        raise AbliterateError(f"{args.output}: writing a GGUF file needs a GGUF input; give an output directory")
-    if to_gguf:
-        check_gguf_output(args.output, loaded.gguf_file, cfg.force)
-    else:
-        check_output(args.output, loaded.local_dir, loaded.gguf_file, cfg.force)
+    to_gguf = check_outputs(args.output, loaded, cfg)
     edited = bake(loaded, layout, direction)
     manifest = {"kind": "abliterate.apply", "model": args.model, "direction": direction.describe(),
                 "edited_tensors": edited, "versions": versions()}
     if to_gguf:
-        summary = write_edited_gguf(loaded.gguf_file, args.output, loaded.model, layout, edited,
-                                    fallback_type=cfg.gguf_fallback_type, force=cfg.force)
-        out = Path(summary["path"])
-        manifest["gguf"] = {k: v for k, v in summary.items() if k != "path"}
-        out.with_name(out.stem + ".manifest.json").write_text(json.dumps(manifest, indent=2))
-        modelfile = write_modelfile(out, loaded.tokenizer)
-        print(f"saved to {out}: {len(summary['edited'])} tensors edited "
-              f"({', '.join(sorted(set(summary['edited'].values())))}), {summary['copied']} copied byte for byte; "
-              f"Ollama: ollama create {out.stem} -f {modelfile}")
+        _print_gguf(save_gguf(loaded, layout, args.output, direction, edited, manifest, cfg), manifest)
         return 0
     out = save_model(loaded, args.output, manifest=manifest, shard_size=cfg.shard_size, force=cfg.force,
                      extra=lambda tmp: direction.save(tmp / "direction.safetensors"))
@@ -278,6 +262,7 @@ def _steer_inputs(args):
 def cmd_steer(args) -> int:
     from .export import check_output, save_model, versions
     from .models import Loaded
+    from .pipeline import write_steering_extras
     from .report import steer_report
     from .steer import Steering, bake_steering, measure
 
@@ -313,14 +298,9 @@ def cmd_steer(args) -> int:
                     "versions": versions()}
         out = save_model(Loaded(model, loaded.tokenizer, loaded.source, loaded.local_dir, loaded.gguf_file),
                          args.output, manifest=manifest, shard_size=cfg.shard_size, force=cfg.force,
-                         extra=lambda tmp: _direction_and_report(tmp, direction, report))
+                         extra=lambda tmp: write_steering_extras(tmp, steering, layout, report))
         print(f"\nbaked into {out}")
     return 0
-
-
-def _direction_and_report(tmp: Path, direction, report: str) -> None:
-    direction.save(tmp / "direction.safetensors")
-    (tmp / "report.html").write_text(report)
 
 
 def cmd_sweep(args) -> int:

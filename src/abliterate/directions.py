@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .arch import check_layer
 from .errors import AbliterateError
 
 
@@ -47,8 +48,7 @@ class Candidates:
         separates refused from answered prompts goes (as in Heretic and
         grimjim's biprojection).
         """
-        if not 0 <= layer < self.n_layers:
-            raise AbliterateError(f"layer {layer} is out of range; this model has layers 0..{self.n_layers - 1}")
+        check_layer(layer, self.n_layers)
         if position not in self.positions:
             raise AbliterateError(f"position {position} was not collected; available: {list(self.positions)}")
         p = self.positions.index(position)

@@ -18,9 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Layout, Writer, resolve, text_config
+from .arch import Layout, Writer, check_layer, resolve, text_config
 from .directions import Direction
-from .errors import AbliterateError
 
 
 def project_out(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -63,8 +62,7 @@ def ablated(model: nn.Module, direction: Direction, layout: Layout | None = None
 def added(model: nn.Module, vector: torch.Tensor, layer: int, layout: Layout | None = None):
     """Within the block, `vector` is added to the residual stream entering block `layer`, at every position."""
     layout = layout or resolve(model)
-    if not 0 <= layer < layout.n_layers:
-        raise AbliterateError(f"layer {layer} is out of range; this model has layers 0..{layout.n_layers - 1}")
+    check_layer(layer, layout.n_layers)
     param = next(model.parameters())
     v = vector.to(param.device, param.dtype)
 

@@ -25,7 +25,7 @@ class Generated:
     mask: torch.Tensor | None = None  # (N, k) bool, steps up to and including EOS
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
     eos = model.generation_config.eos_token_id
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
@@ -38,7 +38,7 @@ def generate(model, tokenizer, texts: list[str], *, max_new_tokens: int, batch_s
              keep_logprobs: int = 0, desc: str | None = "generate") -> Generated:
     """Greedy answers to formatted `texts`, stopping when every answer in a batch has ended."""
     device = next(model.parameters()).device
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     text, ids = [None] * len(texts), [None] * len(texts)
     logprobs = mask = None
     if keep_logprobs:

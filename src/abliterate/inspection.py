@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .activations import batches, forward
-from .arch import text_config
+from .arch import check_layer, text_config
 from .directions import Direction
 from .errors import AbliterateError
 from .selection import Selection
@@ -114,12 +114,6 @@ class TokenView:
     def scaled(self) -> torch.Tensor:
         """Cosines divided by `scale` (colours saturate at +-1)."""
         return self.cosine() / self.scale
-
-
-def check_layer(layer: int, n_layers: int) -> int:
-    if not 0 <= layer < n_layers:
-        raise AbliterateError(f"layer {layer} is out of range; this model has layers 0..{n_layers - 1}")
-    return layer
 
 
 @torch.inference_mode()

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .errors import AbliterateError
 from .evaluation import Metrics
+from .gguf_export import control_vector_layer
 from .refusal import is_refusal
 
 
@@ -73,7 +74,7 @@ def apply_control_vector(llm, vectors: dict[int, np.ndarray], scale: float) -> N
     n_layer = int(llm.metadata[f"{llm.metadata['general.architecture']}.block_count"])
     data = np.zeros((n_layer - 1) * n_embd, dtype=np.float32)  # llama.cpp's layout: blocks 1 .. n_layer - 1
     for layer, v in vectors.items():
-        n = layer - 1
+        n = control_vector_layer(layer, n_layer)
         data[(n - 1) * n_embd: n * n_embd] += scale * np.asarray(v, dtype=np.float32)
     fn = getattr(llama_cpp, "llama_set_adapter_cvec", None) or llama_cpp.llama_apply_adapter_cvec
     ctx = llm._ctx.ctx
@@ -94,8 +95,10 @@ def evaluate(edited: str | Path, original: str | Path | None, harmful: list[str]
         if cvec:
             apply_control_vector(llm, cvec, control_scale)
         h = [answer(llm, t, max_new_tokens) for t in tqdm(harmful, desc="llama.cpp harmful", leave=False)]
-        s = [answer(llm, t, max_new_tokens) for t in tqdm(harmless, desc="llama.cpp harmless", leave=False)]
-        lp = [next_logprobs(llm, t) for t in harmless]
+        s, lp = [], []
+        for t in tqdm(harmless, desc="llama.cpp harmless", leave=False):
+            lp.append(next_logprobs(llm, t))  # the prompt is now in the cache: answer() reuses it
+            s.append(answer(llm, t, max_new_tokens))
         del llm
         return h, s, lp
 

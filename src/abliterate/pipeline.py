@@ -252,13 +252,8 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
         check_gguf_output(out, Path(source).expanduser(), cfg.force)
     with timer("load"):
         loaded, layout = load(source, cfg)
-    if to_gguf:
-        if loaded.gguf_file is None:
-            raise AbliterateError(f"{out}: writing a GGUF file needs a GGUF input (GGUF in, GGUF out); "
-                                  f"for a Hugging Face model, give an output directory")
-        check_gguf_output(out, loaded.gguf_file, cfg.force)
-    elif out is not None:
-        check_output(out, loaded.local_dir, loaded.gguf_file, cfg.force)
+    if out is not None:
+        check_outputs(out, loaded, cfg)
     direction, cands, selection = find_direction(loaded, layout, cfg, timer)
     with timer("evaluate original"):
         before = run_eval(loaded, cfg, eval_harmful, eval_harmless)
@@ -271,7 +266,7 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     saved = None
     if to_gguf:
         with timer("save"):
-            saved = save_gguf(loaded, layout, out, direction, cands, edited, manifest, report, cfg)
+            saved = save_gguf(loaded, layout, out, direction, edited, manifest, cfg, cands=cands, report=report)
     elif out is not None:
         with timer("save"):
             def extra(tmp: Path) -> None:
@@ -285,8 +280,20 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     return RunResult(direction, before, after, selection, saved, timer.stages, manifest, report)
 
 
-def save_gguf(loaded: Loaded, layout: Layout, out: str | Path, direction: Direction, cands: Candidates,
-              edited: list[str], manifest: dict, report: str, cfg: RunConfig) -> Path:
+def check_outputs(out: str | Path, loaded: Loaded, cfg: RunConfig) -> bool:
+    """Refuse an output that cannot or must not be written, before long work. True for a GGUF file output."""
+    if not str(out).endswith(".gguf"):
+        check_output(out, loaded.local_dir, loaded.gguf_file, cfg.force)
+        return False
+    if loaded.gguf_file is None:
+        raise AbliterateError(f"{out}: writing a GGUF file needs a GGUF input (GGUF in, GGUF out); "
+                              f"for a Hugging Face model, give an output directory")
+    check_gguf_output(out, loaded.gguf_file, cfg.force)
+    return True
+
+
+def save_gguf(loaded: Loaded, layout: Layout, out: str | Path, direction: Direction, edited: list[str],
+              manifest: dict, cfg: RunConfig, cands: Candidates | None = None, report: str | None = None) -> Path:
     """Step 9 for GGUF in, GGUF out: the edited copy, then its companions next to it (NAME.*)."""
     summary = write_edited_gguf(loaded.gguf_file, out, loaded.model, layout, edited,
                                 fallback_type=cfg.gguf_fallback_type, force=cfg.force)
@@ -295,9 +302,19 @@ def save_gguf(loaded: Loaded, layout: Layout, out: str | Path, direction: Direct
     stem = path.with_suffix("")
     direction.save(stem.with_name(stem.name + ".direction.safetensors"), cands)
     stem.with_name(stem.name + ".manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-    stem.with_name(stem.name + ".report.html").write_text(report)
+    if report is not None:
+        stem.with_name(stem.name + ".report.html").write_text(report)
     write_modelfile(path, loaded.tokenizer)
     return path
+
+
+def write_steering_extras(tmp: Path, steering: Steering, layout: Layout, report: str) -> None:
+    """Beside a baked steering: the direction, the report and, where llama.cpp can express it, a control vector."""
+    steering.direction.save(tmp / "direction.safetensors")
+    (tmp / "report.html").write_text(report)
+    if layout.spec.gguf_arch and min(steering.layers) >= 2:
+        vectors = {layer: steering.vector() for layer in steering.layers}
+        write_control_vector(tmp / "control_vector.gguf", vectors, layout)
 
 
 @dataclass
@@ -369,16 +386,8 @@ def induce(source: str, out: str | Path | None, cfg: RunConfig | None = None, *,
             }
             baked = Loaded(model, tok, loaded.source, loaded.local_dir, loaded.gguf_file)
             saved = save_model(baked, out, manifest=manifest, shard_size=cfg.shard_size, force=cfg.force,
-                               extra=lambda tmp: _write(tmp, steering, layout, report))
+                               extra=lambda tmp: write_steering_extras(tmp, steering, layout, report))
     return InduceResult(steering, search, original, induced, saved, timer.stages, report)
-
-
-def _write(tmp: Path, steering: Steering, layout: Layout, report: str) -> None:
-    steering.direction.save(tmp / "direction.safetensors")
-    (tmp / "report.html").write_text(report)
-    if layout.spec.gguf_arch and min(steering.layers) >= 2:
-        vectors = {layer: steering.vector() for layer in steering.layers}
-        write_control_vector(tmp / "control_vector.gguf", vectors, layout)
 
 
 def _behaviour(b: Behaviour) -> dict:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Layout, resolve, text_config
+from .arch import Layout, check_layer, resolve, text_config
 from .directions import Direction
 from .edit import added
 from .errors import AbliterateError
@@ -54,8 +54,7 @@ class Steering:
         if not self.layers:
             raise AbliterateError("no layers to steer; give --layers, e.g. --layers 10 or --layers 8-12")
         for layer in self.layers:
-            if not 0 <= layer < layout.n_layers:
-                raise AbliterateError(f"layer {layer} is out of range; this model has layers 0..{layout.n_layers - 1}")
+            check_layer(layer, layout.n_layers)
         return self
 
 
