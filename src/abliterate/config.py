@@ -46,6 +46,8 @@ class RunConfig:
     # output
     shard_size: str = opt("2GB", "largest safetensors shard")
     force: bool = opt(False, "replace a non-empty output directory (or an existing .gguf output)")
+    gguf_type: str = opt("F16", "GGUF output of a Hugging Face model: type of the weight matrices (F32, F16, BF16, "
+                         "Q8_0, Q4_0, ...; K-quants with llama-cpp-python); norms and biases stay F32")
     gguf_fallback_type: str | None = opt(None, "GGUF output: type for edited tensors whose original type cannot be "
                                          "written here (e.g. Q8_0); default: stop with an error")
 

@@ -32,6 +32,7 @@ from .edit import orthogonalize_, residual_component
 from .errors import AbliterateError
 from .evaluation import Evaluation, evaluate
 from .export import check_output, save_model, versions
+from .gguf_convert import check_convertible, write_gguf
 from .gguf_export import check_gguf_output, write_control_vector, write_edited_gguf, write_modelfile
 from .inspection import LayerStats, layer_stats
 from .models import Loaded, load_model
@@ -285,18 +286,27 @@ def check_outputs(out: str | Path, loaded: Loaded, cfg: RunConfig) -> bool:
     if not str(out).endswith(".gguf"):
         check_output(out, loaded.local_dir, loaded.gguf_file, cfg.force)
         return False
-    if loaded.gguf_file is None:
-        raise AbliterateError(f"{out}: writing a GGUF file needs a GGUF input (GGUF in, GGUF out); "
-                              f"for a Hugging Face model, give an output directory")
-    check_gguf_output(out, loaded.gguf_file, cfg.force)
+    if loaded.gguf_file is not None:
+        check_gguf_output(out, loaded.gguf_file, cfg.force)
+        return True
+    check_convertible(loaded.model)  # a Hugging Face model written as a new GGUF
+    out = check_gguf_output(out, Path(loaded.source), cfg.force)
+    if loaded.local_dir is not None and out.is_relative_to(loaded.local_dir.resolve()):
+        raise AbliterateError(f"output {out} is inside the input model's directory {loaded.local_dir}; "
+                              f"write it somewhere else")
     return True
 
 
 def save_gguf(loaded: Loaded, layout: Layout, out: str | Path, direction: Direction, edited: list[str],
               manifest: dict, cfg: RunConfig, cands: Candidates | None = None, report: str | None = None) -> Path:
-    """Step 9 for GGUF in, GGUF out: the edited copy, then its companions next to it (NAME.*)."""
-    summary = write_edited_gguf(loaded.gguf_file, out, loaded.model, layout, edited,
-                                fallback_type=cfg.gguf_fallback_type, force=cfg.force)
+    """Step 9 for a GGUF output: the edited copy of a GGUF input, or a Hugging Face model written whole
+    (weights in `cfg.gguf_type`); then the companions next to it (NAME.*)."""
+    if loaded.gguf_file is not None:
+        summary = write_edited_gguf(loaded.gguf_file, out, loaded.model, layout, edited,
+                                    fallback_type=cfg.gguf_fallback_type, force=cfg.force)
+    else:
+        summary = write_gguf(loaded.model, loaded.tokenizer, out, qtype=cfg.gguf_type, name=loaded.source,
+                             force=cfg.force)
     path = Path(summary["path"])
     manifest["gguf"] = {k: v for k, v in summary.items() if k != "path"}
     stem = path.with_suffix("")

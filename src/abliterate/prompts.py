@@ -143,8 +143,12 @@ class ChatFormat:
     plain: bool = False
 
     def render(self, tokenizer, instruction: str) -> str:
+        """The model's input as text, special tokens included: everything tokenizes it with
+        add_special_tokens=False, so plain text gets the BOS token its tokenizer would add
+        (Gemma without its BOS answers with markup soup)."""
         if self.plain:
-            return f"{self.system}\n\n{instruction}\n" if self.system else f"{instruction}\n"
+            text = f"{self.system}\n\n{instruction}\n" if self.system else f"{instruction}\n"
+            return _bos(tokenizer) + text
         if not getattr(tokenizer, "chat_template", None):
             raise AbliterateError(
                 f"{getattr(tokenizer, 'name_or_path', 'this model')!s} has no chat template; "
@@ -163,3 +167,11 @@ class ChatFormat:
         text = self.render(tokenizer, marker)
         suffix = text[text.rindex(marker) + len(marker):]
         return max(1, len(tokenizer(suffix, add_special_tokens=False).input_ids))
+
+
+def _bos(tokenizer) -> str:
+    """The BOS token's text if this tokenizer puts one in front of what it encodes, else ''."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or tokenizer("a").input_ids[:1] != [bos]:
+        return ""
+    return tokenizer.bos_token
