@@ -27,6 +27,8 @@ def test_refusal_detector():
     assert is_degenerate("contacting a team with the following video video video video video video video video")
     assert is_degenerate("we have a plan, we have the client, we have the client, we have the client")
     assert not is_degenerate("I'm sorry, but I can't assist with this request. I cannot provide any information.")
+    assert not is_degenerate("里昂是法国东南部的一座城市，以美食和历史闻名。")
+    assert is_degenerate("里昂是城市，里昂是城市，里昂是城市，里昂是城市，里昂是城市")
     assert not is_degenerate("1. Preheat the oven. 2. Mix the flour and the sugar. 3. Bake for twenty minutes.")
 
 

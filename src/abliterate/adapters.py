@@ -26,16 +26,17 @@ from .errors import AbliterateError
 
 
 def lora_factors(layout: Layout, direction: Direction) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
-    """module name -> (kind, A, B) with the exact rank-one update of each writer (float32)."""
+    """module name -> (kind, A, B) with the exact rank-one update of each writer (float32, on the CPU)."""
     direction.check_model(layout.hidden_size, layout.n_layers)
-    r = direction.vector.float()
     out = {}
     for w in layout.embeddings:
         emb = w.param.detach().float()  # (vocab, hidden)
-        out[w.name.removesuffix(".weight")] = ("embedding", (emb @ r)[None, :], -r[:, None])
+        r = direction.vector.to(emb.device, torch.float32)
+        out[w.name.removesuffix(".weight")] = ("embedding", (emb @ r)[None, :].cpu(), -r[:, None].cpu())
     for block in layout.blocks:
         for writers, scale in ((block.attn, block.attn_scale), (block.mlp, block.mlp_scale)):
-            u = r if scale is None else nn.functional.normalize(r * scale.float(), dim=0)
+            r = direction.vector.to(block.attn[0].param.device, torch.float32)
+            u = r if scale is None else nn.functional.normalize(r * scale.float().to(r.device), dim=0)
             for w in writers:
                 if w.name.endswith(".bias"):
                     raise AbliterateError(f"{w.name}: LoRA adapters cannot change biases; save the edited model "
@@ -44,7 +45,8 @@ def lora_factors(layout: Layout, direction: Direction) -> dict[str, tuple[str, t
                     raise AbliterateError(f"{w.name} ({tuple(w.param.shape)}) is not a Linear weight (fused experts "
                                           f"or Conv1D); LoRA cannot express its edit here. Save the edited model")
                 weight = w.param.detach().float()  # (out, in)
-                out[w.name.removesuffix(".weight")] = ("linear", (u @ weight)[None, :], -u[:, None])
+                u = u.to(weight.device)
+                out[w.name.removesuffix(".weight")] = ("linear", (u @ weight)[None, :].cpu(), -u[:, None].cpu())
     return out
 
 
