@@ -185,6 +185,23 @@ def test_induced_model_refuses_harmless_prompts_coherently(qwen_dir, shared_prom
     assert abs(metrics.over_refusals - round(100 * i.rate)) <= 5, (metrics.over_refusals, i.rate)
 
 
+def test_chinese_concept_shifts_answers_on_the_reference_model(qwen_dir, tmp_path):
+    """The second built-in pair, English/Chinese, on Qwen2.5-Coder: held-out English prompts answered in Chinese.
+
+    Measure: share of answers containing the commonest Chinese characters (the, is, at, done, I), loops not
+    counted. Measured: 0.0 at strength 0, 0.3 at 1, 1.0 at 2 (coherence -0.45 -> -1.30 nats per token).
+    """
+    zh = tmp_path / "zh.safetensors"
+    assert main(["-q", "concept", str(qwen_dir), "--positive", "builtin:chinese:train", "--negative",
+                 "builtin:english:train", "-o", str(zh)]) == 0
+    js = tmp_path / "s.json"
+    markers = [x for m in "的是在了我" for x in ("--marker", m)]
+    assert main(["-q", "sweep", str(qwen_dir), "--direction", str(zh), "--prompts", "builtin:english:test", "-n",
+                 "10", "--strengths", "0,2", "--max-new-tokens", "24", *markers, "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())
+    assert rows[0]["rate"] <= 0.1 and rows[1]["rate"] >= 0.7, rows
+
+
 def test_concept_direction_and_sweep_on_a_real_model(smollm_gguf, tmp_path, capsys):
     """The concept path end to end on SmolLM2 (GGUF): direction from two sets, sweep table, plot."""
     code = main(["-q", "concept", str(smollm_gguf), "--positive", "builtin:french:train", "--negative",

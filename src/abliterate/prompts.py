@@ -14,7 +14,7 @@ from .errors import AbliterateError
 SPLITS = ("train", "test")
 # harmful/harmless: the refusal pair. english/french: the same 50 requests in each language,
 # a concept pair for steering (the direction from English to French input).
-BUILTIN = ("harmful", "harmless", "english", "french")
+BUILTIN = ("harmful", "harmless", "english", "french", "chinese")
 _FIELDS = ("instruction", "prompt", "text", "goal", "question")
 
 
