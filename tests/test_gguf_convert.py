@@ -11,7 +11,7 @@ from abliterate import AbliterateError
 from abliterate.gguf_convert import write_gguf
 from abliterate.models import load_model
 
-CONVERTIBLE = ["llama", "llama_tied", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"]
+CONVERTIBLE = ["llama", "llama_tied", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3"]
 
 
 def _fields(path) -> dict:

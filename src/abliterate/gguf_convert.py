@@ -1,7 +1,7 @@
 """A Hugging Face model (ours, edited, or anyone's) as a new GGUF file: weights, hyperparameters and tokenizer.
 
 For the families llama.cpp runs as `llama` (Llama, Mistral), `qwen2`, `qwen3`, `gemma2`
-and `gemma3`. Written with the `gguf` package; the facts of the layout are the
+and `gemma3` (text, or the language model of image-text Gemma 3). Written with the `gguf` package; the facts of the layout are the
 format's, stated where they are used:
 
 - tensor names come from the gguf package's own map of Hugging Face names;
@@ -28,7 +28,7 @@ from .errors import AbliterateError
 from .gguf_export import _finish, _tmp_next_to, gguf_names, quantize, writable_types
 
 # The model types this writer knows; their llama.cpp names are arch.py's ArchSpec.gguf_arch.
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3")
 _GEMMA = {"gemma2", "gemma3"}
 
 # Pre-tokenizer regular expressions as Hugging Face tokenizers write them, and the name
@@ -241,9 +241,15 @@ def write_gguf(model: torch.nn.Module, tokenizer, out: str | Path, *, qtype: str
         raise AbliterateError(f"unknown GGUF type {qtype!r}; writable here: {writable_types()}") from None
     if wanted.name not in writable_types():
         raise AbliterateError(f"GGUF type {wanted.name} cannot be written here; writable: {writable_types()}")
-    config = model.config
     layout = resolve(model)
     params = {n: p for n, p in model.state_dict().items() if "rotary_emb" not in n}
+    config = model.config.get_text_config()
+    if model.config.model_type == "gemma3":
+        # Image-text Gemma 3: the language model alone, as llama.cpp takes it (the vision tower
+        # and projector go into a separate mmproj file, which this writer does not make).
+        prefix = "model.language_model."
+        params = {"model." + n.removeprefix(prefix): p for n, p in params.items() if n.startswith(prefix)} | (
+            {"lm_head.weight": params["lm_head.weight"]} if "lm_head.weight" in params else {})
     if getattr(config, "tie_word_embeddings", False) or arch in _GEMMA:
         params.pop("lm_head.weight", None)
     names = gguf_names(layout, arch, list(params))

@@ -30,7 +30,7 @@ from .evaluation import answer_logprob, generate
 from .refusal import is_degenerate, is_refusal
 
 # Defaults of the induction search, used by the API and the CLI alike.
-INDUCE_STRENGTHS = (2.0, 3.0, 4.0, 5.0, 6.0)  # total strength over a layer set, in mean differences
+INDUCE_STRENGTHS = (3.0, 4.0, 5.0, 6.0, 7.0)  # total strength over a layer set, in mean differences
 INDUCE_MAX_DROP = 1.5  # nats per token of coherence a setting may lose (see `measure`)
 
 
@@ -281,7 +281,12 @@ def induce_search(model, tokenizer, layout: Layout, candidates, texts: list[str]
 
 
 def default_layer_sets(n_layers: int) -> list[tuple[int, ...]]:
-    """One layer, three and seven around 60% of depth, where refusal directions usually sit."""
+    """Three, seven and eleven layers around 60% of depth, where refusal directions usually sit.
+
+    On Qwen2.5-Coder-0.5B (100 held-out harmless prompts): one layer plateaued at 71%
+    refused; seven layers reached 78% with coherence unchanged but 89% only at a loss of
+    1.7 nats per token; eleven layers at a total of 6 refused 90% at a loss of 1.3.
+    """
     c = round(0.6 * n_layers)
-    sets = [(c,), tuple(range(c - 1, c + 2)), tuple(range(c - 3, c + 4))]
-    return [tuple(layer for layer in s if 1 <= layer < n_layers) for s in sets]
+    sets = [tuple(range(c - 1, c + 2)), tuple(range(c - 3, c + 4)), tuple(range(c - 5, c + 6))]
+    return list(dict.fromkeys(tuple(layer for layer in s if 1 <= layer < n_layers) for s in sets))
