@@ -1,8 +1,8 @@
 """A Hugging Face model (ours, edited, or anyone's) as a new GGUF file: weights, hyperparameters and tokenizer.
 
 For the families llama.cpp runs as `llama` (Llama, Mistral), `qwen2`, `qwen3`, `gemma2`
-and `gemma3` (text, or the language model of image-text Gemma 3). Written with the `gguf` package; the facts of the layout are the
-format's, stated where they are used:
+and `gemma3` (text, or the language model of image-text Gemma 3). Written with the `gguf`
+package; the facts of the layout are the format's, stated where they are used:
 
 - tensor names come from the gguf package's own map of Hugging Face names;
 - llama.cpp's `llama` rotates query/key pairs that are adjacent (GPT-J style), while
