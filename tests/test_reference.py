@@ -21,9 +21,9 @@ from abliterate.pipeline import chat_format, eval_sets, run_eval
 
 pytestmark = pytest.mark.slow
 
-# Measured: the default search refuses 70% of the 100 harmless prompts with coherence unchanged
-# (issue 5 asks 90%; eleven layers at total 6 reach it, but the search's prompts do not lead there).
-INDUCE_MIN_RATE = 0.6
+# Measured with the shared train sets as --harmful/--harmless: 97% of the 100 harmless prompts refused,
+# coherence -0.50 -> -1.01 nats per token (margin 1.5). With our built-in sets instead: 70%.
+INDUCE_MIN_RATE = 0.9
 # Measured in llama.cpp on harmful_val: -0.25 at each of 9 layers around the chosen one took refusals
 # from 21/39 to 0/39 with fluent answers; -1 at the chosen layer alone, to 7/39.
 CONTROL_STRENGTH = -0.25
@@ -153,7 +153,9 @@ def test_induced_model_refuses_harmless_prompts_coherently(qwen_dir, shared_prom
     from abliterate.pipeline import induce
     from abliterate.steer import steered
 
-    cfg = RunConfig(eval_harmless=str(shared_prompts / "harmless_val.json"), n_eval_harmless=100)
+    cfg = RunConfig(harmful=str(shared_prompts / "harmful_train.json"),
+                    harmless=str(shared_prompts / "harmless_train.json"),
+                    eval_harmless=str(shared_prompts / "harmless_val.json"), n_eval_harmless=100)
     result = induce(str(qwen_dir), tmp_path / "refuser", cfg)
     o, i = result.original, result.induced
     assert len(i.answers) == 100
