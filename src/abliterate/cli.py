@@ -112,21 +112,18 @@ def _print_gguf(path: Path, manifest: dict) -> None:
 
 
 def cmd_convert(args) -> int:
-    from .gguf_convert import check_convertible, write_gguf
+    from .gguf_convert import write_gguf
     from .gguf_export import check_gguf_output, write_modelfile
-    from .pipeline import load
+    from .pipeline import check_outputs, load
 
     cfg = _config(args)
     if not str(args.output).endswith(".gguf"):
         raise AbliterateError(f"output {args.output} should end in .gguf")
-    check_gguf_output(args.output, Path(args.model).expanduser(), cfg.force)
+    check_gguf_output(args.output, Path(args.model).expanduser(), cfg.force)  # before the slow load
     loaded, _ = load(args.model, cfg)
     if loaded.gguf_file is not None:
         raise AbliterateError(f"{args.model} is already a GGUF file; convert takes a Hugging Face model")
-    check_convertible(loaded.model)
-    if loaded.local_dir is not None and Path(args.output).expanduser().resolve().is_relative_to(
-            loaded.local_dir.resolve()):
-        raise AbliterateError(f"output {args.output} is inside the input model's directory; write it elsewhere")
+    check_outputs(args.output, loaded, cfg)
     summary = write_gguf(loaded.model, loaded.tokenizer, args.output, qtype=cfg.gguf_type, name=args.model,
                          force=cfg.force)
     path = Path(summary["path"])
