@@ -250,8 +250,9 @@ def write_gguf(model: torch.nn.Module, tokenizer, out: str | Path, *, qtype: str
         prefix = "model.language_model."
         params = {"model." + n.removeprefix(prefix): p for n, p in params.items() if n.startswith(prefix)} | (
             {"lm_head.weight": params["lm_head.weight"]} if "lm_head.weight" in params else {})
-    if getattr(config, "tie_word_embeddings", False) or arch in _GEMMA:
-        params.pop("lm_head.weight", None)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        params.pop("lm_head.weight", None)  # tied: llama.cpp reads token_embd for the output
     names = gguf_names(layout, arch, list(params))
     kv, rope_freqs = hparams(config, arch)
     n_heads, n_kv = kv["attention.head_count"], kv["attention.head_count_kv"]
@@ -278,8 +279,8 @@ def write_gguf(model: torch.nn.Module, tokenizer, out: str | Path, *, qtype: str
             value = _rotate_pairs(value, n_heads)
         elif arch == "llama" and ".self_attn.k_proj." in hf_name:
             value = _rotate_pairs(value, n_kv)
-        if arch in _GEMMA and "norm" in hf_name and value.ndim == 1:
-            value = value + 1.0  # Gemma's RMSNorm scale is 1 + w; GGUF stores it whole
+        if layout.spec.norm_offset and "norm" in hf_name and value.ndim == 1:
+            value = value + layout.spec.norm_offset  # Gemma's RMSNorm scale is 1 + w; GGUF stores it whole
         data = value.numpy()
         t = _tensor_type(data, wanted, gguf)
         writer.add_tensor(target, quantize(np.ascontiguousarray(data.astype(np.float32)), t), raw_dtype=t)
