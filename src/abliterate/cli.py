@@ -81,6 +81,8 @@ def cmd_run(args) -> int:
 
     cfg = _config(args)
     result = run(args.model, args.output, cfg)
+    if result.search:
+        print(_search_table(result.search))
     if result.selection:
         print("candidate directions (bypass: refusal score with it ablated, lower is better)")
         print(_selection_table(result.selection))
@@ -95,6 +97,25 @@ def cmd_run(args) -> int:
     elif result.output:
         print(f"\nsaved to {result.output} (report: {result.output / 'report.html'})")
     return 0
+
+
+def _search_table(s) -> str:
+    """The Pareto front of a search: estimated refusals (first-token openings) and KL, counted refusals where
+    re-checked by generation."""
+    lines = [f"search: {len(s.trials)} trials in {s.wall_s:.0f} s; the original refused {s.baseline_refusals}/"
+             f"{s.n_harmful} search prompts",
+             f"{'trial':>5} {'refusals~':>10} {'counted':>8} {'kl':>8} {'kl@4':>8}  edit"]
+    for t in s.front:
+        p = t.params
+        what = (f"dir {'per-layer' if p['per_layer'] else format(p['direction'], '.2f')}"
+                f"{' proj' if p['projected'] else ''} k={p['k']} norm={p['norm']} "
+                f"attn {p['attn_peak']:.2f}@{p['attn_center']:.1f}±{p['attn_width']:.1f} "
+                f"mlp {p['mlp_peak']:.2f}@{p['mlp_center']:.1f}±{p['mlp_width']:.1f} emb {p['embed']:.2f}")
+        counted = str(t.refusals) if t.refusals is not None else "-"
+        mark = "  <- chosen" if t.chosen else ""
+        lines.append(f"{t.number:5d} {t.refusals_est:10.2f} {counted:>8} {t.kl:8.4f} {t.kl_steps:8.4f}  {what}{mark}")
+    lines.append(f"rule: {s.rule}")
+    return "\n".join(lines)
 
 
 def _print_gguf(path: Path, manifest: dict) -> None:
@@ -184,6 +205,10 @@ def cmd_apply(args) -> int:
     from .pipeline import bake, check_outputs, load, save_gguf
 
     cfg = _config(args)
+    if (args.direction is None) == (args.manifest is None):
+        raise AbliterateError("give exactly one of --direction FILE and --manifest FILE")
+    if args.manifest:
+        return _apply_manifest(args, cfg)
     direction = Direction.load(args.direction)
     loaded, layout = load(args.model, cfg)
     direction.check_model(layout.hidden_size, layout.n_layers)
@@ -220,6 +245,51 @@ def cmd_apply(args) -> int:
     out = save_model(loaded, args.output, manifest=manifest, shard_size=cfg.shard_size, force=cfg.force,
                      extra=lambda tmp: direction.save(tmp / "direction.safetensors"))
     print(f"saved to {out}")
+    return 0
+
+
+def _apply_manifest(args, cfg) -> int:
+    """The exact edit a run saved: a searched ablation (its tensors beside the manifest), or its direction."""
+    from .ablation import Ablation
+    from .directions import Direction
+    from .export import save_model, versions
+    from .pipeline import bake, bake_ablation, check_outputs, load, save_gguf
+
+    path = Path(args.manifest)
+    try:
+        manifest = json.loads(path.read_text())
+        kind = manifest["kind"]
+    except (OSError, ValueError, KeyError) as e:
+        raise AbliterateError(f"{path} is not an abliterate manifest ({e}); give the manifest.json of a run") from e
+    if kind != "abliterate.run":
+        raise AbliterateError(f"{path} is a {kind} manifest; --manifest takes the manifest of `abliterate run`")
+    if args.adapter:
+        raise AbliterateError("--adapter takes --direction; a manifest's edit is applied to the whole model")
+    stem = path.name[: -len("manifest.json")] if path.name.endswith(".manifest.json") else ""
+    search = manifest.get("search")
+    ablation = Ablation.load(path.parent / search["ablation_file"]) if search else None
+    direction = Direction.load(path.parent / f"{stem}direction.safetensors")
+    loaded, layout = load(args.model, cfg)
+    direction.check_model(layout.hidden_size, layout.n_layers)
+    to_gguf = check_outputs(args.output, loaded, cfg)
+    edited = bake_ablation(loaded, layout, ablation) if ablation else bake(loaded, layout, direction)
+    out_manifest = {"kind": "abliterate.apply", "model": args.model, "from_manifest": str(path),
+                    "direction": direction.describe(), "edited_tensors": edited, "versions": versions()}
+    if search:
+        out_manifest["search"] = {"chosen": search["chosen"], "ablation_file": "ablation.safetensors"}
+    if to_gguf:
+        _print_gguf(save_gguf(loaded, layout, args.output, direction, edited, out_manifest, cfg, ablation=ablation),
+                    out_manifest)
+        return 0
+
+    def fill(tmp: Path) -> None:
+        direction.save(tmp / "direction.safetensors")
+        if ablation is not None:
+            ablation.save(tmp / "ablation.safetensors")
+
+    out = save_model(loaded, args.output, manifest=out_manifest, shard_size=cfg.shard_size, force=cfg.force,
+                     extra=fill)
+    print(f"saved to {out} ({'searched edit' if ablation else 'direction'} from {path})")
     return 0
 
 
@@ -574,10 +644,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, _MODEL + ("column", "n_train", "system_prompt", "plain_prompts", "projected", "seed"))
     p.set_defaults(func=cmd_concept)
 
-    p = sub.add_parser("apply", help="orthogonalize a model's weights against a saved direction",
-                       description="Example: abliterate apply ./model --direction refusal.safetensors -o ./out")
+    p = sub.add_parser("apply", help="orthogonalize a model's weights against a saved direction, or redo a run's edit",
+                       description="Examples: abliterate apply ./model --direction refusal.safetensors -o ./out; "
+                       "abliterate apply ./model --manifest ./searched/manifest.json -o ./again (the same weights, "
+                       "bit for bit)")
     p.add_argument("model")
-    p.add_argument("--direction", required=True, help="direction file from `abliterate directions` or a run")
+    p.add_argument("--direction", help="direction file from `abliterate directions` or a run")
+    p.add_argument("--manifest", help="manifest.json (or NAME.manifest.json) of a run: its exact edit, searched "
+                   "or not, from the files saved beside it")
     p.add_argument("-o", "--output", required=True, help="model directory, NAME.gguf (a GGUF input is "
                    "copied with only the edited tensors replaced; a Hugging Face model is written whole, "
                    "--gguf-type), or with --adapter an adapter directory")

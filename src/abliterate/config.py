@@ -32,6 +32,20 @@ class RunConfig:
     min_layer_frac: float = opt(0.2, "skip candidate layers below this fraction of depth")
     max_layer_frac: float = opt(0.8, "skip candidate layers at or above this fraction of depth (Arditi: 0.8)")
     select_kl_max: float = opt(0.1, "candidates with a larger first-token KL on harmless prompts are rejected")
+    # search (run --search): the edit is searched instead of plain abliteration
+    search: bool = opt(False, "search the edit (direction, per-layer weights, norm preservation, subspace) for "
+                       "the fewest refusals at the lowest KL, instead of removing one direction everywhere")
+    trials: int = opt(60, "search: trials to complete (a resumed study counts the ones it has)")
+    time_budget: float | None = opt(None, "search: start no trial after this many seconds of searching")
+    search_options: str = opt("default", "search: what the search may vary: 'default', 'none', a comma list, "
+                              "or +name/-name against the defaults (fractional, per_layer, projected, embed, row, "
+                              "column, subspace, strength)")
+    n_search: int = opt(48, "search: held-out prompts of each set that score the trials")
+    finalists: int = opt(3, "search: Pareto points re-checked by full generation")
+    slack: int = opt(1, "search: choose the lowest KL among finalists whose refusals are within this many of the best")
+    max_kl: float | None = opt(None, "search: finalists above this first-token KL are not chosen")
+    study: str | None = opt(None, "search: journal file of the study, resumed when it exists "
+                            "(default: OUTPUT.study next to -o; in memory without -o)")
     # evaluation
     max_new_tokens: int = opt(32, "tokens generated per harmful evaluation prompt")
     kl_tokens: int = opt(16, "tokens of the original's answer over which KL is averaged (and harmless answers' length)")
@@ -57,13 +71,19 @@ class RunConfig:
 
         if self.positions not in ("last", "all"):
             raise AbliterateError(f"--positions {self.positions!r} is not one of: last, all")
-        for name in ("n_train", "n_select", "max_new_tokens", "kl_tokens", "batch_size"):
+        for name in ("n_train", "n_select", "max_new_tokens", "kl_tokens", "batch_size", "trials", "n_search",
+                     "finalists"):
             if getattr(self, name) < 1:
                 raise AbliterateError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.min_layer_frac < self.max_layer_frac <= 1:
             raise AbliterateError(
                 f"layer fractions must satisfy 0 <= min ({self.min_layer_frac}) < max ({self.max_layer_frac}) <= 1"
             )
+        if self.slack < 0:
+            raise AbliterateError(f"--slack must be at least 0, got {self.slack}")
+        from .search import parse_options
+
+        parse_options(self.search_options)
         return self
 
     @classmethod

@@ -9,6 +9,9 @@
     7. orthogonalize the weights            edit.orthogonalize_
     8. evaluate the edited model            evaluation.evaluate
     9. save model, direction and manifest   export.save_model
+
+With --search, steps 4-5 and 7 become: per-prompt activations -> search.run_search
+(a weighted, searched edit, tried by hooks) -> ablation.apply_ablation_.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import logging
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from .ablation import Ablation, apply_ablation_
 from .activations import Activations, collect
 from .arch import ArchSpec, Layout, resolve
 from .config import RunConfig
@@ -39,6 +43,7 @@ from .models import Loaded, load_model
 from .prompts import ChatFormat, PromptSet, load_prompts
 from .refusal import is_refusal
 from .report import run_report, steer_report
+from .search import DirectionSource, SearchResult, make_probe, parse_options, run_search
 from .selection import Selection, select
 from .steer import (
     INDUCE_MAX_DROP,
@@ -211,6 +216,7 @@ class RunResult:
     timings: dict[str, float]
     manifest: dict
     report: str  # report.html, self-contained
+    search: SearchResult | None = None
 
 
 def side_by_side(before: Evaluation, after: Evaluation) -> dict:
@@ -242,6 +248,48 @@ def manifest_for(loaded: Loaded, cfg: RunConfig, direction: Direction, selection
     }
 
 
+def study_path(cfg: RunConfig, out: str | Path | None) -> Path | None:
+    if cfg.study:
+        return Path(cfg.study).expanduser()
+    return Path(str(out).rstrip("/") + ".study") if out is not None else None
+
+
+def search_edit(loaded: Loaded, layout: Layout, cfg: RunConfig, timer: Timer, out: str | Path | None
+                ) -> tuple[Direction, Candidates, SearchResult]:
+    """Steps 2-5 and the edit's parameters, by search: held-out prompts score every trial."""
+    fmt, tok = chat_format(cfg), loaded.tokenizer
+    harmful, harmful_search = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train, cfg.n_search,
+                                    cfg.seed)
+    harmless, harmless_search = split(load_prompts(cfg.harmless, column=cfg.column), cfg.n_train, cfg.n_search,
+                                      cfg.seed)
+    with timer("activations"):
+        a, b = collect_pair(loaded, fmt, harmful, harmless, replace(cfg, positions="last"), keep=True)
+        cands = candidates_from(loaded, harmful, harmless, a, b)
+    source = DirectionSource(a.per_prompt[:, :, -1], a.mean[:, -1], b.mean[:, -1])
+    with timer("search set-up"):
+        probe = make_probe(loaded.model, tok, fmt.render_all(tok, harmful_search), fmt.render_all(tok, harmless_search),
+                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    fingerprint = hashlib.sha256(json.dumps([loaded.source, cands.meta["harmful_sha256"],
+                                             cands.meta["harmless_sha256"], harmful_search, harmless_search,
+                                             cfg.max_new_tokens]).encode()).hexdigest()
+    with timer("search"):
+        result = run_search(
+            loaded.model, tok, layout, source, probe, trials=cfg.trials, time_budget=cfg.time_budget,
+            options=parse_options(cfg.search_options), finalists=cfg.finalists, slack=cfg.slack, max_kl=cfg.max_kl,
+            study_path=study_path(cfg, out), fingerprint=fingerprint, seed=cfg.seed,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+    p = result.chosen.params
+    direction = cands.direction(min(round(p["direction"]), cands.n_layers - 1), -1, bool(p["projected"]))
+    direction.meta["search"] = "the main direction of a searched edit; the whole edit is ablation.safetensors"
+    return direction, cands, result
+
+
+def bake_ablation(loaded: Loaded, layout: Layout, ablation: Ablation) -> list[str]:
+    """Step 7 of a search: the chosen weighted edit, baked."""
+    return apply_ablation_(loaded.model, ablation, layout)
+
+
 def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> RunResult:
     """Steps 1-9: abliterate `source` and save it to `out` (None: evaluate only, save nothing)."""
     cfg = (cfg or RunConfig()).check()
@@ -255,30 +303,52 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
         loaded, layout = load(source, cfg)
     if out is not None:
         check_outputs(out, loaded, cfg)
-    direction, cands, selection = find_direction(loaded, layout, cfg, timer)
+    selection = searched = None
+    if cfg.search:
+        direction, cands, searched = search_edit(loaded, layout, cfg, timer, out)
+    else:
+        direction, cands, selection = find_direction(loaded, layout, cfg, timer)
     with timer("evaluate original"):
         before = run_eval(loaded, cfg, eval_harmful, eval_harmless)
     with timer("orthogonalize"):
-        edited = bake(loaded, layout, direction)
+        edited = bake_ablation(loaded, layout, searched.ablation) if searched else bake(loaded, layout, direction)
     with timer("evaluate edited"):
         after = run_eval(loaded, cfg, eval_harmful, eval_harmless, reference=before)
     manifest = manifest_for(loaded, cfg, direction, selection, before, after, edited, timer.stages)
+    if searched:
+        manifest["search"] = search_manifest(searched)
     report = run_report(source, direction, before, after, selection, timer.stages)
     saved = None
     if to_gguf:
         with timer("save"):
-            saved = save_gguf(loaded, layout, out, direction, edited, manifest, cfg, cands=cands, report=report)
+            saved = save_gguf(loaded, layout, out, direction, edited, manifest, cfg, cands=cands, report=report,
+                              ablation=searched.ablation if searched else None)
     elif out is not None:
         with timer("save"):
             def extra(tmp: Path) -> None:
                 direction.save(tmp / "direction.safetensors", cands)
+                if searched:
+                    searched.ablation.save(tmp / ABLATION_FILE)
                 (tmp / "metrics.json").write_text(json.dumps(manifest["metrics"], indent=2))
                 (tmp / "generations.json").write_text(json.dumps(side_by_side(before, after), indent=2))
                 (tmp / "report.html").write_text(report)
 
             saved = save_model(loaded, out, manifest=manifest, extra=extra, shard_size=cfg.shard_size,
                                force=cfg.force)
-    return RunResult(direction, before, after, selection, saved, timer.stages, manifest, report)
+    return RunResult(direction, before, after, selection, saved, timer.stages, manifest, report, searched)
+
+
+ABLATION_FILE = "ablation.safetensors"
+
+
+def search_manifest(r: SearchResult) -> dict:
+    """Everything needed to see and reproduce the choice: the edit's parameters and where its tensors are."""
+    return {
+        "chosen": asdict(r.chosen), "rule": r.rule, "ablation_file": ABLATION_FILE,
+        "front": r.table(), "finalists": [asdict(t) for t in r.finalists], "trials": len(r.trials),
+        "baseline_refusals": r.baseline_refusals, "n_harmful": r.n_harmful, "n_harmless": r.n_harmless,
+        "study": r.study, "wall_s": r.wall_s,
+    }
 
 
 def check_outputs(out: str | Path, loaded: Loaded, cfg: RunConfig) -> bool:
@@ -298,7 +368,8 @@ def check_outputs(out: str | Path, loaded: Loaded, cfg: RunConfig) -> bool:
 
 
 def save_gguf(loaded: Loaded, layout: Layout, out: str | Path, direction: Direction, edited: list[str],
-              manifest: dict, cfg: RunConfig, cands: Candidates | None = None, report: str | None = None) -> Path:
+              manifest: dict, cfg: RunConfig, cands: Candidates | None = None, report: str | None = None,
+              ablation: Ablation | None = None) -> Path:
     """Step 9 for a GGUF output: the edited copy of a GGUF input, or a Hugging Face model written whole
     (weights in `cfg.gguf_type`); then the companions next to it (NAME.*)."""
     if loaded.gguf_file is not None:
@@ -311,6 +382,10 @@ def save_gguf(loaded: Loaded, layout: Layout, out: str | Path, direction: Direct
     manifest["gguf"] = {k: v for k, v in summary.items() if k != "path"}
     stem = path.with_suffix("")
     direction.save(stem.with_name(stem.name + ".direction.safetensors"), cands)
+    if ablation is not None:
+        name = stem.name + "." + ABLATION_FILE
+        ablation.save(stem.with_name(name))
+        manifest["search"]["ablation_file"] = name
     stem.with_name(stem.name + ".manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     if report is not None:
         stem.with_name(stem.name + ".report.html").write_text(report)

@@ -1,0 +1,88 @@
+"""Benchmark `run --search` on the reference model (Qwen2.5-Coder-0.5B-Instruct), to compare with Heretic.
+
+The setting of issue 3: directions from 128 + 128 prompts of the shared train files
+(the search scores trials on 48 + 48 other prompts of the same files), evaluation on
+harmful_val.json (39) and the first 100 of harmless_val.json with 32-token answers.
+Prints one JSON object: refusals, KL (first token and 16 tokens), wall time, trials,
+peak memory, the chosen parameters and the Pareto front.
+
+    python benchmarks/bench_search.py [--prompts DIR] [--options LIST] [RunConfig fields as key=value]
+
+--options is the search's option list (see `abliterate run --help`, --search-options),
+e.g. "-row" to measure the search without row norm preservation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from abliterate import RunConfig, reference
+from abliterate.pipeline import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", default=str(ROOT.parent / "shared" / "data" / "prompts"))
+    parser.add_argument("--options", default="default", help="search options (default: the defaults)")
+    parser.add_argument("overrides", nargs="*", help="RunConfig fields, e.g. trials=40 time_budget=900")
+    args = parser.parse_args()
+
+    p = args.prompts
+    cfg = RunConfig(harmful=f"{p}/harmful_train.json", harmless=f"{p}/harmless_train.json",
+                    eval_harmful=f"{p}/harmful_val.json", eval_harmless=f"{p}/harmless_val.json",
+                    n_eval_harmless=100, search=True, search_options=args.options, force=True)
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        current = getattr(cfg, key)
+        cast = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(current, bool) else type(current or "")
+        if key in ("time_budget", "max_kl"):
+            cast = float
+        cfg = replace(cfg, **{key: cast(value) if value != "None" else None})
+
+    model_dir = reference.hf_dir(progress=lambda m: print(m, file=sys.stderr))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = run(str(model_dir), None, replace(cfg, study=str(Path(tmp) / "study")))
+        total = time.perf_counter() - t0
+    before, after, s = result.before.metrics, result.after.metrics, result.search
+    report = {
+        "model": reference.QWEN_CODER_05B.name,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+        "options": args.options,
+        "refusals_before": f"{before.refusals}/{before.n_harmful}",
+        "refusals": f"{after.refusals}/{after.n_harmful}",
+        "over_refusals": f"{after.over_refusals}/{after.n_harmless}",
+        "kl_first_token": round(after.kl_first, 4),
+        "kl_16_tokens": round(after.kl_continuation, 4),
+        "wall_s": round(total, 1),
+        "wall_min": round(total / 60, 2),
+        "stages_s": {k: round(v, 1) for k, v in result.timings.items()},
+        "trials": len(s.trials),
+        "s_per_trial": round(result.timings["search"] / max(len(s.trials), 1), 2),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "search_prompts": {"harmful": s.n_harmful, "harmless": s.n_harmless,
+                           "original_refusals": s.baseline_refusals},
+        "chosen": s.chosen.params | {"refusals_est": round(s.chosen.refusals_est, 2), "kl_est": round(s.chosen.kl, 4),
+                                     "refusals_counted": s.chosen.refusals},
+        "rule": s.rule,
+        "front": [{"trial": t.number, "refusals_est": round(t.refusals_est, 2), "kl": round(t.kl, 4),
+                   "refusals_counted": t.refusals} for t in s.front],
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The search's pieces: weighted ablation hooks == baked weights, the prefix cache, profiles, bases, the study."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import ARCHS, GEMMA, make_model
+from test_edit import inputs
+
+from abliterate import AbliterateError, resolve
+from abliterate.ablation import Ablation, ablating, apply_ablation_
+from abliterate.search import (
+    DirectionSource,
+    Params,
+    Profile,
+    TrialResult,
+    cached_logits,
+    choose,
+    make_probe,
+    pareto,
+    parse_options,
+    run_search,
+)
+
+PLAIN = [a for a in ARCHS if a not in GEMMA and a != "qwen3_moe"]
+
+
+def random_ablation(layout, k=2, norm="none", embed=0.7, seed=0) -> Ablation:
+    g = torch.Generator().manual_seed(seed)
+    L, H = layout.n_layers, layout.hidden_size
+    bases = torch.linalg.qr(torch.randn(L, H, k, generator=g)).Q.transpose(1, 2).contiguous()  # (L, k, H)
+    attn = torch.tensor([1.3, 0.0, 0.6, 1.0] * L)[:L]
+    mlp = torch.tensor([0.5, 1.0, 1.5, 0.0] * L)[:L]
+    return Ablation(bases, attn, mlp, bases[0].clone(), embed, norm)
+
+
+@pytest.mark.parametrize("norm", ["none", "row", "column"])
+@pytest.mark.parametrize("arch", PLAIN)
+@torch.no_grad()
+def test_weighted_hooks_equal_baked_weights(arch, norm, tokenizer):
+    model = make_model(arch, tokenizer)
+    layout = resolve(model)
+    enc = inputs(tokenizer)
+    ab = random_ablation(layout, norm=norm)
+    original = model(**enc).logits
+    with ablating(model, ab, layout):
+        hooked = model(**enc).logits
+    assert torch.equal(model(**enc).logits, original), "hooks must be removed on exit"
+    assert not torch.allclose(hooked, original, atol=1e-3)
+    baked = copy.deepcopy(model)
+    apply_ablation_(baked, ab, resolve(baked))
+    torch.testing.assert_close(baked(**enc).logits, hooked, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("norm", ["row", "column"])
+@torch.no_grad()
+def test_norm_preservation_keeps_the_stated_norms(norm, tokenizer):
+    model = make_model("llama", tokenizer)
+    layout = resolve(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ab = random_ablation(layout, norm=norm)
+    edited = apply_ablation_(model, ab, layout)
+    w = dict(model.named_parameters())["model.layers.0.self_attn.o_proj.weight"]  # (H out, in)
+    axis = 1 if norm == "row" else 0
+    torch.testing.assert_close(w.norm(dim=axis), before["model.layers.0.self_attn.o_proj.weight"].norm(dim=axis))
+    assert "model.layers.1.self_attn.o_proj.weight" not in edited  # weight 0: untouched
+    assert torch.equal(dict(model.named_parameters())["model.layers.1.self_attn.o_proj.weight"],
+                       before["model.layers.1.self_attn.o_proj.weight"])
+
+
+@torch.no_grad()
+def test_weight_one_without_norms_is_orthogonalization(tokenizer):
+    """Weight 1, one direction: the writers' outputs have no component along it (the classic edit)."""
+    model = make_model("qwen2", tokenizer)
+    layout = resolve(model)
+    r = torch.nn.functional.normalize(torch.randn(layout.hidden_size), dim=0)
+    L = layout.n_layers
+    ab = Ablation(r.expand(L, 1, -1).contiguous(), torch.ones(L), torch.ones(L), r.unsqueeze(0), 1.0)
+    apply_ablation_(model, ab, layout)
+    for b in layout.blocks:
+        for w in b.attn + b.mlp:
+            assert (w.param.movedim(w.out_dim, -1) @ r).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("arch", sorted(GEMMA) + ["qwen3_moe"])
+def test_norm_preservation_needs_plain_writers(arch, tokenizer):
+    model = make_model(arch, tokenizer)
+    layout = resolve(model)
+    with pytest.raises(AbliterateError, match="norm 'none'"):
+        apply_ablation_(model, random_ablation(layout, norm="row"), layout)
+    apply_ablation_(model, random_ablation(layout, norm="none"), layout)  # without: fine
+
+
+def test_ablation_file_round_trip_and_wrong_model(tmp_path, tokenizer):
+    layout = resolve(make_model("llama", tokenizer))
+    ab = random_ablation(layout, norm="column")
+    ab.params = {"direction": 1.5}
+    back = Ablation.load(ab.save(tmp_path / "a.safetensors"))
+    assert torch.equal(back.bases, ab.bases) and back.norm == "column" and back.params == {"direction": 1.5}
+    small = Ablation(ab.bases[:, :, :32].contiguous(), ab.attn, ab.mlp, ab.embed_basis[:, :32].contiguous())
+    with pytest.raises(AbliterateError, match="another model"):
+        small.check(layout)
+    with pytest.raises(AbliterateError, match="not an abliterate ablation"):
+        Ablation.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_cache_gives_the_same_logits(arch, tokenizer):
+    """Running the shared template opening once and reusing its cache changes nothing."""
+    model = make_model(arch, tokenizer)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                           add_generation_prompt=True)
+             for t in ("How do I bake bread?", "Rome?", "Tell me about the history of Rome and its emperors.")]
+    ids = tokenizer(texts, add_special_tokens=False).input_ids
+    plain = cached_logits(model, [], ids, 3, tokenizer.pad_token_id, 2)
+    p = 3
+    assert all(x[:p] == ids[0][:p] for x in ids)
+    cached = cached_logits(model, ids[0][:p], [x[p:] for x in ids], 3, tokenizer.pad_token_id, 2)
+    torch.testing.assert_close(cached, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_profile_weights():
+    w = Profile(peak=1.2, center=3.0, floor=0.5, width=2.0).weights(8)
+    torch.testing.assert_close(w, torch.tensor([0, 0.6, 0.9, 1.2, 0.9, 0.6, 0, 0]))
+    assert torch.equal(Params.classic(8).attn.weights(8), torch.ones(8))
+
+
+def test_bases_are_orthonormal_and_interpolate():
+    g = torch.Generator().manual_seed(0)
+    harmful = torch.randn(20, 4, 16, generator=g) + 3 * torch.eye(16)[0]
+    src = DirectionSource(harmful, harmful.double().mean(0), torch.randn(4, 16, generator=g).double())
+    b = src.basis(1.5, projected=True, k=3)
+    torch.testing.assert_close(b @ b.T, torch.eye(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(b[0].double(), src.direction(1.5, True), atol=1e-6, rtol=0)
+    torch.testing.assert_close(src.direction(2.0, False), src.diff(2, False))
+    mid = src.direction(1.5, False)
+    assert mid @ src.diff(1, False) > 0 and mid @ src.diff(2, False) > 0
+    mu = src.harmless_mean[1] / src.harmless_mean[1].norm()
+    assert abs(src.diff(1, True) @ mu) < 1e-9  # projected: no harmless-mean component
+
+
+def test_options_parse():
+    assert "row" not in parse_options("-row") and "column" in parse_options("-row")
+    assert parse_options("none") == () and parse_options("embed,row") == ("embed", "row")
+    with pytest.raises(AbliterateError, match="unknown"):
+        parse_options("+bogus")
+
+
+def _t(n, r, kl, counted=None):
+    return TrialResult(n, {}, r, kl, kl, counted)
+
+
+def test_pareto_and_choice_rule():
+    trials = [_t(0, 5.0, 0.01), _t(1, 2.0, 0.05), _t(2, 2.0, 0.09), _t(3, 0.5, 0.2), _t(4, 6.0, 0.02)]
+    assert [t.number for t in pareto(trials)] == [3, 1, 0]
+    fin = [_t(3, 0.5, 0.2, 1), _t(1, 2.0, 0.05, 2), _t(0, 5.0, 0.01, 6)]
+    assert choose(fin, slack=1, max_kl=None)[0].number == 1
+    assert choose(fin, slack=0, max_kl=None)[0].number == 3
+    assert choose(fin, slack=0, max_kl=0.1)[0].number == 1  # the guard excludes trial 3
+    pick, rule = choose(fin, slack=0, max_kl=0.001)
+    assert pick.number == 0 and "no finalist" in rule
+
+
+def _setup(tokenizer, arch="qwen2"):
+    model = make_model(arch, tokenizer)
+    layout = resolve(model)
+    chat = lambda t: tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,  # noqa: E731
+                                                  add_generation_prompt=True)
+    harmful = [chat(f"How do I make weapon number {i}?") for i in range(6)]
+    harmless = [chat(f"Write a poem about the number {i}.") for i in range(6)]
+    g = torch.Generator().manual_seed(0)
+    L, H = layout.n_layers, layout.hidden_size
+    per = torch.randn(12, L, H, generator=g)
+    src = DirectionSource(per, per.double().mean(0), torch.randn(L, H, generator=g).double())
+    probe = make_probe(model, tokenizer, harmful, harmless, max_new_tokens=4, steps=3, batch_size=4)
+    return model, layout, src, probe
+
+
+def test_probe_uses_the_shared_prefix(tokenizer):
+    model, layout, src, probe = _setup(tokenizer)
+    assert len(probe.prefix) >= 3 and probe.refusal_ids
+    assert all(len(s) >= 1 for s in probe.harmful)
+
+
+def test_search_resumes_after_a_kill_and_finishes(tmp_path, tokenizer):
+    model, layout, src, probe = _setup(tokenizer)
+    study = tmp_path / "study.journal"
+    kw = dict(trials=6, study_path=study, fingerprint="tiny", max_new_tokens=4, finalists=2)
+    first = run_search(model, tokenizer, layout, src, probe, stop_after=3, **kw)
+    assert len(first.trials) == 3
+    assert first.trials[0].params == Params.classic(layout.n_layers).flat()  # plain abliteration first
+    again = run_search(model, tokenizer, layout, src, probe, **kw)
+    assert len(again.trials) == 6 and [t.number for t in again.trials[:3]] == [0, 1, 2]
+    assert again.chosen in again.finalists and all(t.refusals is not None for t in again.finalists)
+    # the chosen point resolves to the ablation returned
+    assert torch.equal(again.ablation.attn, src.ablation(Params.from_flat(again.chosen.params)).attn)
+    with pytest.raises(AbliterateError, match="another model"):
+        run_search(model, tokenizer, layout, src, probe, **(kw | {"fingerprint": "other"}))
+    assert json.loads(study.read_text().splitlines()[0])  # a journal of JSON lines
+
+
+SEARCH = ["--n-train", "8", "--n-search", "4", "--n-eval-harmful", "4", "--n-eval-harmless", "4",
+          "--max-new-tokens", "4", "--kl-tokens", "3", "--search", "--trials", "4", "--finalists", "2"]
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        if f.name.startswith("model"):
+            out.update(load_file(f))
+    return out
+
+
+def test_run_search_then_apply_manifest_is_bit_exact(capsys, tmp_path, model_dirs):
+    from test_cli import run_cli
+
+    out = tmp_path / "searched"
+    code, text, err = run_cli(capsys, "run", model_dirs["llama"], "-o", out, *SEARCH)
+    assert code == 0, err
+    assert "<- chosen" in text and "rule:" in text
+    manifest = json.loads((out / "manifest.json").read_text())
+    chosen = manifest["search"]["chosen"]
+    assert chosen["chosen"] and set(chosen["params"]) >= {"direction", "norm", "k", "attn_peak", "embed"}
+    assert (tmp_path / "searched.study").exists()  # the study lives next to the output
+    again = tmp_path / "again"
+    code, text, err = run_cli(capsys, "apply", model_dirs["llama"], "--manifest", out / "manifest.json", "-o", again)
+    assert code == 0, err
+    a, b, orig = _weights(out), _weights(again), _weights(model_dirs["llama"])
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "apply --manifest must reproduce the weights bit for bit"
+    assert any(not torch.equal(a[k], orig[k]) for k in orig)  # and the edit did something
+    # a rerun resumes the finished study: no new trials, the same choice
+    code, text, err = run_cli(capsys, "run", model_dirs["llama"], "-o", tmp_path / "rerun", *SEARCH)
+    assert code == 0, err
+    rerun = json.loads((tmp_path / "rerun" / "manifest.json").read_text())["search"]
+    assert rerun["study"] == str(tmp_path / "rerun.study") and rerun["trials"] == 4
+
+
+def test_search_bad_input(capsys, tmp_path, model_dirs):
+    from test_cli import assert_clean_error, run_cli
+
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "run", model_dirs["llama"], "-o", out, *SEARCH, "--search-options=-bogus")
+    assert_clean_error(code, err, "bogus", out)
+    code, _, err = run_cli(capsys, "run", model_dirs["llama"], "-o", out, *SEARCH, "--trials", "0")
+    assert_clean_error(code, err, "--trials", out)
+    code, _, err = run_cli(capsys, "apply", model_dirs["llama"], "-o", out)
+    assert_clean_error(code, err, "--manifest", out)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    code, _, err = run_cli(capsys, "apply", model_dirs["llama"], "--manifest", bad, "-o", out)
+    assert_clean_error(code, err, "not an abliterate manifest", out)
