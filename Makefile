@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # An unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install browser llama demo test test-fast bench bench-gguf clean
+.PHONY: install browser llama demo test test-fast bench bench-search bench-gguf clean
 
 $(BIN)/abliterate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_pipeline.py
+
+# run --search on the reference model in the setting of issue 3 (Heretic's figures); about 24 minutes
+bench-search: install
+	$(BIN)/python benchmarks/bench_search.py trials=40 time_budget=840
 
 bench-gguf: install llama
 	$(BIN)/python benchmarks/bench_gguf.py

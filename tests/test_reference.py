@@ -437,3 +437,22 @@ def test_hf_model_written_as_gguf_answers_in_llama_cpp_as_in_transformers(which,
         out = llm.create_completion(ids, max_tokens=16, temperature=0.0, top_k=1, repeat_penalty=1.0)
         same += out["choices"][0]["text"].strip() == want.strip()
     assert same >= len(texts) - 1, same  # F16 rounding may flip one late token
+
+
+def test_search_on_the_reference_model(qwen_dir, shared_prompts, tmp_path):
+    """`run --search`, small: a few trials on the real model; the chosen edit refuses less than the original,
+    the front and the choice are recorded, and a second run resumes the study instead of starting over.
+    (The full-size comparison with Heretic is benchmarks/bench_search.py.)"""
+    p = shared_prompts
+    cfg = RunConfig(harmful=str(p / "harmful_train.json"), harmless=str(p / "harmless_train.json"),
+                    eval_harmful=str(p / "harmful_val.json"), eval_harmless=str(p / "harmless_val.json"),
+                    n_train=64, n_search=16, n_eval_harmful=20, n_eval_harmless=20, search=True, trials=5,
+                    finalists=2, study=str(tmp_path / "study"))
+    result = run(str(qwen_dir), None, cfg)
+    s = result.search
+    assert len(s.trials) == 5 and s.chosen in s.finalists and s.baseline_refusals >= 4
+    assert result.after.metrics.refusals < result.before.metrics.refusals
+    assert 0 < result.after.metrics.kl_first < 1.0
+    assert result.manifest["search"]["chosen"]["params"] == s.chosen.params
+    again = run(str(qwen_dir), None, cfg)  # the finished study is loaded: no new trials, the same choice
+    assert len(again.search.trials) == 5 and again.search.chosen.number == s.chosen.number

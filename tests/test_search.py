@@ -10,11 +10,13 @@ from test_edit import inputs
 
 from abliterate import AbliterateError, resolve
 from abliterate.ablation import Ablation, ablating, apply_ablation_
+from abliterate.evaluation import eos_ids, generate
 from abliterate.search import (
     DirectionSource,
     Params,
     Profile,
     TrialResult,
+    cached_greedy,
     cached_logits,
     choose,
     make_probe,
@@ -118,6 +120,14 @@ def test_prefix_cache_gives_the_same_logits(arch, tokenizer):
     assert all(x[:p] == ids[0][:p] for x in ids)
     cached = cached_logits(model, ids[0][:p], [x[p:] for x in ids], 3, tokenizer.pad_token_id, 2)
     torch.testing.assert_close(cached, plain, atol=1e-4, rtol=1e-4)
+    # greedy answers through the cache are those of generate()
+    eos = eos_ids(model, tokenizer)
+    ref = generate(model, tokenizer, texts, max_new_tokens=5, batch_size=2, desc=None)
+    for prefix in (ids[0][:p], []):
+        answers, first = cached_greedy(model, prefix, [x[len(prefix):] for x in ids], 5, tokenizer.pad_token_id,
+                                       eos, 2)
+        assert answers == ref.ids
+        torch.testing.assert_close(first, plain[:, -1], atol=1e-4, rtol=1e-4)
 
 
 def test_profile_weights():

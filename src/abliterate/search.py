@@ -25,7 +25,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from .ablation import NORM_MODES, Ablation, ablating
 from .activations import forward, id_batches
 from .arch import Layout
 from .errors import AbliterateError
-from .evaluation import generate
+from .evaluation import eos_ids, generate
 from .refusal import is_refusal, refusal_token_ids
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,10 @@ class Probe:
     harmful_texts: list[str]  # formatted, for the finalists' generations
     baseline_refusals: int = 0
     pad_id: int = 0
-    batch_size: int = 32
+    batch_size: int = 64
+    answer_tokens: int = 12  # greedy answer length per trial, 0: first-token estimate only
+    eos: set[int] = field(default_factory=set)
+    decode: object = None  # the tokenizer's decode
 
     @property
     def steps(self) -> int:
@@ -263,7 +266,7 @@ def cached_logits(model, prefix: list[int], suffixes: list[list[int]], keep: int
             mask = torch.cat([torch.ones(n, len(prefix), dtype=torch.long, device=device), batch.attention_mask], 1)
             past = copy.deepcopy(cache)
             past.batch_repeat_interleave(n)
-            pos = (mask.cumsum(-1) - 1)[:, len(prefix):]
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, len(prefix):]
             logits = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=pos, past_key_values=past,
                            use_cache=True, logits_to_keep=keep).logits
         logits = logits.float().cpu()
@@ -272,8 +275,54 @@ def cached_logits(model, prefix: list[int], suffixes: list[list[int]], keep: int
     return torch.stack(out)
 
 
+@torch.inference_mode()
+def cached_greedy(model, prefix: list[int], suffixes: list[list[int]], max_new_tokens: int, pad_id: int,
+                  eos: set[int], batch_size: int) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy answers after prefix + suffix (the prefix run once), and the first step's logits (N, V).
+
+    A batch stops when every row has produced an EOS token.
+    """
+    device = next(model.parameters()).device
+    answers: list[list[int]] = [[] for _ in suffixes]
+    first = [None] * len(suffixes)
+    cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values if prefix else None
+    eos_t = torch.tensor(sorted(eos), device=device)
+    for batch in id_batches(suffixes, pad_id, batch_size, device):
+        n = len(batch.index)
+        mask = torch.cat([torch.ones(n, len(prefix), dtype=torch.long, device=device), batch.attention_mask], 1)
+        past = None
+        if cache is not None:
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(n)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, len(prefix):]
+        ids = batch.input_ids
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        out = []
+        for step in range(max_new_tokens):
+            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True,
+                        logits_to_keep=1)
+            past, logits = res.past_key_values, res.logits[:, -1].float()
+            if step == 0:
+                for row, i in enumerate(batch.index):
+                    first[i] = logits[row].cpu()
+            nxt = logits.argmax(-1).masked_fill(done, pad_id)
+            out.append(nxt)
+            done |= torch.isin(nxt, eos_t)
+            if done.all():
+                break
+            ids = nxt.unsqueeze(-1)
+            mask = torch.cat([mask, torch.ones(n, 1, dtype=torch.long, device=device)], 1)
+            pos = pos[:, -1:] + 1
+        toks = torch.stack(out, 1).cpu()  # (n, steps)
+        for row, i in enumerate(batch.index):
+            seq = toks[row].tolist()
+            end = next((t + 1 for t, tok in enumerate(seq) if tok in eos), len(seq))
+            answers[i] = seq[:end]
+    return answers, torch.stack(first)
+
+
 def make_probe(model, tokenizer, harmful: list[str], harmless: list[str], *, max_new_tokens: int = 32,
-               steps: int = 4, batch_size: int = 32) -> Probe:
+               steps: int = 4, answer_tokens: int = 12, batch_size: int = 64) -> Probe:
     """The original's behaviour on formatted search prompts: its refusal openings, and its harmless answers'
     first `steps` log-probabilities (for KL)."""
     gen_h = generate(model, tokenizer, harmful, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -301,25 +350,42 @@ def make_probe(model, tokenizer, harmful: list[str], harmless: list[str], *, max
         prefix=h_ids[0][:p], harmful=[x[p:] for x in h_ids], harmless=[x[p:] + c for x, c in zip(s_ids, cont)],
         ref_logprobs=gen_s.logprobs, ref_mask=gen_s.mask, refusal_ids=ids, harmful_texts=list(harmful),
         baseline_refusals=sum(refused), pad_id=tokenizer.pad_token_id, batch_size=batch_size,
+        answer_tokens=answer_tokens, eos=eos_ids(model, tokenizer), decode=tokenizer.decode,
     )
 
 
 @dataclass
 class Score:
-    refusals: float  # expected refusal openings among the harmful search prompts
+    refusals: float  # refusals counted in short answers, plus the mean refusal-opening probability (tie-break)
     kl: float  # mean KL at the first response token
     kl_steps: float  # mean KL over the first `steps` tokens
+    counted: int = 0  # refusals counted in the short answers
+    mass: float = 0.0  # expected refusal openings at the first token
 
 
 def score(model, probe: Probe) -> Score:
-    """The cheap objectives of whatever edit is active on `model` (hooks)."""
-    h = cached_logits(model, probe.prefix, probe.harmful, 1, probe.pad_id, probe.batch_size)[:, -1]
+    """The cheap objectives of whatever edit is active on `model` (hooks).
+
+    Refusals: greedy answers of `answer_tokens` tokens checked for refusal markers (a refusal
+    that opens with the topic, "Creating a fake ID is illegal...", is missed by any first-token
+    estimate), plus the mean probability of the model's refusal openings, in [0, 1), which
+    orders trials with the same count.
+    """
+    counted = 0
+    if probe.answer_tokens:
+        answers, h = cached_greedy(model, probe.prefix, probe.harmful, probe.answer_tokens, probe.pad_id, probe.eos,
+                                   probe.batch_size)
+        counted = sum(is_refusal(probe.decode(a, skip_special_tokens=True).strip()) for a in answers)
+    else:
+        h = cached_logits(model, probe.prefix, probe.harmful, 1, probe.pad_id, probe.batch_size)[:, -1]
     p_refuse = torch.softmax(h, -1)[:, probe.refusal_ids].sum(-1)  # (N,)
     s = cached_logits(model, probe.prefix, probe.harmless, probe.steps, probe.pad_id, probe.batch_size)
     new = torch.log_softmax(s, -1)
     ref = probe.ref_logprobs[:, :, : new.shape[-1]]
     kl = (ref.exp() * (ref - new)).sum(-1) * probe.ref_mask  # (N, steps)
-    return Score(p_refuse.sum().item(), kl[:, 0].mean().item(), (kl.sum() / probe.ref_mask.sum()).item())
+    mass = p_refuse.mean().item()
+    return Score(counted + min(mass, 0.999) if probe.answer_tokens else p_refuse.sum().item(), kl[:, 0].mean().item(),
+                 (kl.sum() / probe.ref_mask.sum()).item(), counted, mass)
 
 
 # ---------------------------------------------------------------- the study
@@ -435,6 +501,7 @@ def run_search(model, tokenizer, layout: Layout, source: DirectionSource, probe:
         with ablating(model, source.ablation(params), layout):
             s = score(model, probe)
         trial.set_user_attr("kl_steps", s.kl_steps)
+        trial.set_user_attr("short_refusals", s.counted)
         study.tell(trial, [s.refusals, s.kl])
         new += 1
         bar.update(1)
