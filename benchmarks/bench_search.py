@@ -78,7 +78,7 @@ def main() -> int:
                                      "refusals_counted": s.chosen.refusals},
         "rule": s.rule,
         "front": [{"trial": t.number, "refusals_est": round(t.refusals_est, 2), "kl": round(t.kl, 4),
-                   "refusals_counted": t.refusals} for t in s.front],
+                   "refusals_counted": t.refusals, "params": t.params} for t in s.front],
     }
     print(json.dumps(report, indent=2))
     return 0
