@@ -197,16 +197,16 @@ def test_search_resumes_after_a_kill_and_finishes(tmp_path, tokenizer):
     model, layout, src, probe = _setup(tokenizer)
     study = tmp_path / "study.journal"
     kw = dict(trials=6, study_path=study, fingerprint="tiny", max_new_tokens=4, finalists=2)
-    first = run_search(model, tokenizer, layout, src, probe, stop_after=3, **kw)
+    first = run_search(model, layout, src, probe, stop_after=3, **kw)
     assert len(first.trials) == 3
     assert first.trials[0].params == Params.classic(layout.n_layers).flat()  # plain abliteration first
-    again = run_search(model, tokenizer, layout, src, probe, **kw)
+    again = run_search(model, layout, src, probe, **kw)
     assert len(again.trials) == 6 and [t.number for t in again.trials[:3]] == [0, 1, 2]
     assert again.chosen in again.finalists and all(t.refusals is not None for t in again.finalists)
     # the chosen point resolves to the ablation returned
     assert torch.equal(again.ablation.attn, src.ablation(Params.from_flat(again.chosen.params)).attn)
     with pytest.raises(AbliterateError, match="another model"):
-        run_search(model, tokenizer, layout, src, probe, **(kw | {"fingerprint": "other"}))
+        run_search(model, layout, src, probe, **(kw | {"fingerprint": "other"}))
     assert json.loads(study.read_text().splitlines()[0])  # a journal of JSON lines
 
 
@@ -242,6 +242,12 @@ def test_run_search_then_apply_manifest_is_bit_exact(capsys, tmp_path, model_dir
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "apply --manifest must reproduce the weights bit for bit"
     assert any(not torch.equal(a[k], orig[k]) for k in orig)  # and the edit did something
+    # an apply's manifest carries the same edit on
+    code, _, err = run_cli(capsys, "apply", model_dirs["llama"], "--manifest", again / "manifest.json", "-o",
+                           tmp_path / "third")
+    assert code == 0, err
+    c = _weights(tmp_path / "third")
+    assert all(torch.equal(a[k], c[k]) for k in a)
     # a rerun resumes the finished study: no new trials, the same choice
     code, text, err = run_cli(capsys, "run", model_dirs["llama"], "-o", tmp_path / "rerun", *SEARCH)
     assert code == 0, err

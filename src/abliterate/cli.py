@@ -100,8 +100,8 @@ def cmd_run(args) -> int:
 
 
 def _search_table(s) -> str:
-    """The Pareto front of a search: estimated refusals (first-token openings) and KL, counted refusals where
-    re-checked by generation."""
+    """The Pareto front of a search: refusals in the trials' short answers (plus the refusal-opening probability,
+    a tie-break), first-token KL and KL over 4 tokens, and refusals in full answers for the finalists."""
     lines = [f"search: {len(s.trials)} trials in {s.wall_s:.0f} s; the original refused {s.baseline_refusals}/"
              f"{s.n_harmful} search prompts",
              f"{'trial':>5} {'refusals~':>10} {'counted':>8} {'kl':>8} {'kl@4':>8}  edit"]
@@ -199,17 +199,40 @@ def cmd_concept(args) -> int:
     return 0
 
 
+def _from_manifest(path: Path):
+    """The edit a run (or an apply) saved: its direction and, for a searched edit, its ablation, from the files
+    beside the manifest."""
+    from .ablation import Ablation
+    from .directions import Direction
+
+    try:
+        manifest = json.loads(path.read_text())
+        kind = manifest["kind"]
+    except (OSError, ValueError, KeyError) as e:
+        raise AbliterateError(f"{path} is not an abliterate manifest ({e}); give the manifest.json of a run") from e
+    if kind not in ("abliterate.run", "abliterate.apply"):
+        raise AbliterateError(f"{path} is a {kind} manifest; --manifest takes the manifest of `run` or `apply`")
+    stem = path.name[: -len("manifest.json")] if path.name.endswith(".manifest.json") else ""
+    search = manifest.get("search")
+    ablation = Ablation.load(path.parent / search["ablation_file"]) if search else None
+    return Direction.load(path.parent / f"{stem}direction.safetensors"), ablation, search
+
+
 def cmd_apply(args) -> int:
     from .directions import Direction
     from .export import check_output, save_model, versions
-    from .pipeline import bake, check_outputs, load, save_gguf
+    from .pipeline import ABLATION_FILE, bake, bake_ablation, check_outputs, load, save_gguf
 
     cfg = _config(args)
     if (args.direction is None) == (args.manifest is None):
         raise AbliterateError("give exactly one of --direction FILE and --manifest FILE")
+    if args.manifest and args.adapter:
+        raise AbliterateError("--adapter takes --direction; a manifest's edit is applied to the whole model")
+    ablation = search = None
     if args.manifest:
-        return _apply_manifest(args, cfg)
-    direction = Direction.load(args.direction)
+        direction, ablation, search = _from_manifest(Path(args.manifest))
+    else:
+        direction = Direction.load(args.direction)
     loaded, layout = load(args.model, cfg)
     direction.check_model(layout.hidden_size, layout.n_layers)
     if args.adapter and str(args.output).endswith(".gguf"):
@@ -236,60 +259,25 @@ def cmd_apply(args) -> int:
               f"PeftModel.from_pretrained(base_model, '{out}')")
         return 0
     to_gguf = check_outputs(args.output, loaded, cfg)
-    edited = bake(loaded, layout, direction)
+    edited = bake_ablation(loaded, layout, ablation) if ablation else bake(loaded, layout, direction)
     manifest = {"kind": "abliterate.apply", "model": args.model, "direction": direction.describe(),
                 "edited_tensors": edited, "versions": versions()}
-    if to_gguf:
-        _print_gguf(save_gguf(loaded, layout, args.output, direction, edited, manifest, cfg), manifest)
-        return 0
-    out = save_model(loaded, args.output, manifest=manifest, shard_size=cfg.shard_size, force=cfg.force,
-                     extra=lambda tmp: direction.save(tmp / "direction.safetensors"))
-    print(f"saved to {out}")
-    return 0
-
-
-def _apply_manifest(args, cfg) -> int:
-    """The exact edit a run saved: a searched ablation (its tensors beside the manifest), or its direction."""
-    from .ablation import Ablation
-    from .directions import Direction
-    from .export import save_model, versions
-    from .pipeline import bake, bake_ablation, check_outputs, load, save_gguf
-
-    path = Path(args.manifest)
-    try:
-        manifest = json.loads(path.read_text())
-        kind = manifest["kind"]
-    except (OSError, ValueError, KeyError) as e:
-        raise AbliterateError(f"{path} is not an abliterate manifest ({e}); give the manifest.json of a run") from e
-    if kind != "abliterate.run":
-        raise AbliterateError(f"{path} is a {kind} manifest; --manifest takes the manifest of `abliterate run`")
-    if args.adapter:
-        raise AbliterateError("--adapter takes --direction; a manifest's edit is applied to the whole model")
-    stem = path.name[: -len("manifest.json")] if path.name.endswith(".manifest.json") else ""
-    search = manifest.get("search")
-    ablation = Ablation.load(path.parent / search["ablation_file"]) if search else None
-    direction = Direction.load(path.parent / f"{stem}direction.safetensors")
-    loaded, layout = load(args.model, cfg)
-    direction.check_model(layout.hidden_size, layout.n_layers)
-    to_gguf = check_outputs(args.output, loaded, cfg)
-    edited = bake_ablation(loaded, layout, ablation) if ablation else bake(loaded, layout, direction)
-    out_manifest = {"kind": "abliterate.apply", "model": args.model, "from_manifest": str(path),
-                    "direction": direction.describe(), "edited_tensors": edited, "versions": versions()}
+    if args.manifest:
+        manifest["from_manifest"] = str(args.manifest)
     if search:
-        out_manifest["search"] = {"chosen": search["chosen"], "ablation_file": "ablation.safetensors"}
+        manifest["search"] = {"chosen": search["chosen"], "ablation_file": ABLATION_FILE}
     if to_gguf:
-        _print_gguf(save_gguf(loaded, layout, args.output, direction, edited, out_manifest, cfg, ablation=ablation),
-                    out_manifest)
+        _print_gguf(save_gguf(loaded, layout, args.output, direction, edited, manifest, cfg, ablation=ablation),
+                    manifest)
         return 0
 
     def fill(tmp: Path) -> None:
         direction.save(tmp / "direction.safetensors")
         if ablation is not None:
-            ablation.save(tmp / "ablation.safetensors")
+            ablation.save(tmp / ABLATION_FILE)
 
-    out = save_model(loaded, args.output, manifest=out_manifest, shard_size=cfg.shard_size, force=cfg.force,
-                     extra=fill)
-    print(f"saved to {out} ({'searched edit' if ablation else 'direction'} from {path})")
+    out = save_model(loaded, args.output, manifest=manifest, shard_size=cfg.shard_size, force=cfg.force, extra=fill)
+    print(f"saved to {out}" + (f" (the edit of {args.manifest})" if args.manifest else ""))
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from .search import OPTIONS, parse_options
+
 
 def opt(default, help: str, **cli):
     return field(default=default, metadata={"help": help, **cli})
@@ -38,8 +40,8 @@ class RunConfig:
     trials: int = opt(60, "search: trials to complete (a resumed study counts the ones it has)")
     time_budget: float | None = opt(None, "search: start no trial after this many seconds of searching")
     search_options: str = opt("default", "search: what the search may vary: 'default', 'none', a comma list, "
-                              "or +name/-name against the defaults (fractional, per_layer, projected, embed, row, "
-                              "column, subspace, strength)")
+                              "or +name/-name against the defaults (write --search-options=-row); names: "
+                              + ", ".join(OPTIONS))
     n_search: int = opt(48, "search: held-out prompts of each set that score the trials")
     finalists: int = opt(3, "search: Pareto points re-checked by full generation")
     slack: int = opt(1, "search: choose the lowest KL among finalists whose refusals are within this many of the best")
@@ -81,8 +83,6 @@ class RunConfig:
             )
         if self.slack < 0:
             raise AbliterateError(f"--slack must be at least 0, got {self.slack}")
-        from .search import parse_options
-
         parse_options(self.search_options)
         return self
 

@@ -274,7 +274,7 @@ def search_edit(loaded: Loaded, layout: Layout, cfg: RunConfig, timer: Timer, ou
                                              cfg.max_new_tokens]).encode()).hexdigest()
     with timer("search"):
         result = run_search(
-            loaded.model, tok, layout, source, probe, trials=cfg.trials, time_budget=cfg.time_budget,
+            loaded.model, layout, source, probe, trials=cfg.trials, time_budget=cfg.time_budget,
             options=parse_options(cfg.search_options), finalists=cfg.finalists, slack=cfg.slack, max_kl=cfg.max_kl,
             study_path=study_path(cfg, out), fingerprint=fingerprint, seed=cfg.seed,
             max_new_tokens=cfg.max_new_tokens,

@@ -51,7 +51,7 @@ OPTIONS = {
     "subspace": "up to 3 directions (top singular vectors of per-prompt differences)",
     "strength": "weights up to 1.5 (overshoot), not only up to 1",
 }
-DEFAULT_OPTIONS = ("fractional", "per_layer", "projected", "embed", "row", "column", "subspace", "strength")
+DEFAULT_OPTIONS = tuple(OPTIONS)  # all on until the benchmark shows which ones help
 
 
 def parse_options(text: str) -> tuple[str, ...]:
@@ -232,11 +232,10 @@ class Probe:
     ref_logprobs: torch.Tensor  # (N, k_steps, V) the original's log-probabilities along its harmless answers
     ref_mask: torch.Tensor  # (N, k_steps)
     refusal_ids: list[int]
-    harmful_texts: list[str]  # formatted, for the finalists' generations
     baseline_refusals: int = 0
     pad_id: int = 0
     batch_size: int = 64
-    answer_tokens: int = 12  # greedy answer length per trial, 0: first-token estimate only
+    answer_tokens: int = 12  # greedy answer length per trial
     eos: set[int] = field(default_factory=set)
     decode: object = None  # the tokenizer's decode
 
@@ -348,7 +347,7 @@ def make_probe(model, tokenizer, harmful: list[str], harmless: list[str], *, max
     cont = [(a + [a[-1] if a else tokenizer.pad_token_id] * steps)[: steps - 1] for a in gen_s.ids]
     return Probe(
         prefix=h_ids[0][:p], harmful=[x[p:] for x in h_ids], harmless=[x[p:] + c for x, c in zip(s_ids, cont)],
-        ref_logprobs=gen_s.logprobs, ref_mask=gen_s.mask, refusal_ids=ids, harmful_texts=list(harmful),
+        ref_logprobs=gen_s.logprobs, ref_mask=gen_s.mask, refusal_ids=ids,
         baseline_refusals=sum(refused), pad_id=tokenizer.pad_token_id, batch_size=batch_size,
         answer_tokens=answer_tokens, eos=eos_ids(model, tokenizer), decode=tokenizer.decode,
     )
@@ -371,21 +370,17 @@ def score(model, probe: Probe) -> Score:
     estimate), plus the mean probability of the model's refusal openings, in [0, 1), which
     orders trials with the same count.
     """
-    counted = 0
-    if probe.answer_tokens:
-        answers, h = cached_greedy(model, probe.prefix, probe.harmful, probe.answer_tokens, probe.pad_id, probe.eos,
-                                   probe.batch_size)
-        counted = sum(is_refusal(probe.decode(a, skip_special_tokens=True).strip()) for a in answers)
-    else:
-        h = cached_logits(model, probe.prefix, probe.harmful, 1, probe.pad_id, probe.batch_size)[:, -1]
+    answers, h = cached_greedy(model, probe.prefix, probe.harmful, probe.answer_tokens, probe.pad_id, probe.eos,
+                               probe.batch_size)
+    counted = sum(is_refusal(probe.decode(a, skip_special_tokens=True).strip()) for a in answers)
     p_refuse = torch.softmax(h, -1)[:, probe.refusal_ids].sum(-1)  # (N,)
     s = cached_logits(model, probe.prefix, probe.harmless, probe.steps, probe.pad_id, probe.batch_size)
     new = torch.log_softmax(s, -1)
     ref = probe.ref_logprobs[:, :, : new.shape[-1]]
     kl = (ref.exp() * (ref - new)).sum(-1) * probe.ref_mask  # (N, steps)
     mass = p_refuse.mean().item()
-    return Score(counted + min(mass, 0.999) if probe.answer_tokens else p_refuse.sum().item(), kl[:, 0].mean().item(),
-                 (kl.sum() / probe.ref_mask.sum()).item(), counted, mass)
+    return Score(counted + min(mass, 0.999), kl[:, 0].mean().item(), (kl.sum() / probe.ref_mask.sum()).item(),
+                 counted, mass)
 
 
 # ---------------------------------------------------------------- the study
@@ -451,7 +446,7 @@ def _storage(path: str | Path):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def run_search(model, tokenizer, layout: Layout, source: DirectionSource, probe: Probe, *, trials: int = 60,
+def run_search(model, layout: Layout, source: DirectionSource, probe: Probe, *, trials: int = 60,
                time_budget: float | None = None, options: tuple[str, ...] = DEFAULT_OPTIONS, finalists: int = 3,
                slack: int = 1, max_kl: float | None = None, study_path: str | Path | None = None,
                fingerprint: str = "", seed: int = 0, max_new_tokens: int = 32, stop_after: int | None = None
@@ -517,9 +512,9 @@ def run_search(model, tokenizer, layout: Layout, source: DirectionSource, probe:
     picks = [t for t in front if max_kl is None or t.kl <= max_kl][:finalists] or front[:1]
     for t in tqdm(picks, desc="finalists", leave=False, unit="trial"):
         with ablating(model, source.ablation(Params.from_flat(t.params)), layout):
-            gen = generate(model, tokenizer, probe.harmful_texts, max_new_tokens=max_new_tokens,
-                           batch_size=probe.batch_size, desc=None)
-        t.refusals = sum(map(is_refusal, gen.text))
+            answers, _ = cached_greedy(model, probe.prefix, probe.harmful, max_new_tokens, probe.pad_id, probe.eos,
+                                       probe.batch_size)
+        t.refusals = sum(is_refusal(probe.decode(a, skip_special_tokens=True).strip()) for a in answers)
     chosen, rule = choose(picks, slack, max_kl)
     chosen.chosen = True
     return SearchResult(chosen, source.ablation(Params.from_flat(chosen.params)), results, front, picks,
