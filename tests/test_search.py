@@ -2,6 +2,7 @@
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -146,8 +147,26 @@ def test_bases_are_orthonormal_and_interpolate():
     torch.testing.assert_close(src.direction(2.0, False), src.diff(2, False))
     mid = src.direction(1.5, False)
     assert mid @ src.diff(1, False) > 0 and mid @ src.diff(2, False) > 0
-    mu = src.harmless_mean[1] / src.harmless_mean[1].norm()
+    mu = src.harmless_mean[1, -1] / src.harmless_mean[1, -1].norm()
     assert abs(src.diff(1, True) @ mu) < 1e-9  # projected: no harmless-mean component
+
+
+def test_directions_at_other_token_positions():
+    g = torch.Generator().manual_seed(1)
+    harmful = torch.randn(20, 4, 3, 16, generator=g)  # (N, L, P, H)
+    harmful[:, :, 0] += 3 * torch.eye(16)[5]  # position -3 separates along axis 5, the others along nothing
+    src = DirectionSource(harmful, harmful.double().mean(0), torch.zeros(4, 3, 16, dtype=torch.float64))
+    assert src.n_positions == 3
+    assert src.direction(2.0, False, position=-3)[5] > 0.9 > abs(src.direction(2.0, False, position=-1)[5])
+    p = Params.classic(4)
+    p.position, p.k = -3, 2
+    ab = src.ablation(p)
+    torch.testing.assert_close(ab.bases[0, 0], src.direction(p.direction, False, -3).float())
+    assert Params.from_flat(p.flat()).position == -3
+    legacy = {k: v for k, v in p.flat().items() if k != "position"}  # manifests written before positions
+    assert Params.from_flat(legacy).position == -1
+    with pytest.raises(AbliterateError, match="position -4"):
+        src.direction(2.0, False, position=-4)
 
 
 def test_options_parse():
@@ -225,7 +244,7 @@ def _weights(path):
 
 
 def test_run_search_then_apply_manifest_is_bit_exact(capsys, tmp_path, model_dirs):
-    from test_cli import run_cli
+    from test_cli import assert_clean_error, run_cli
 
     out = tmp_path / "searched"
     code, text, err = run_cli(capsys, "run", model_dirs["llama"], "-o", out, *SEARCH)
@@ -248,6 +267,47 @@ def test_run_search_then_apply_manifest_is_bit_exact(capsys, tmp_path, model_dir
     assert code == 0, err
     c = _weights(tmp_path / "third")
     assert all(torch.equal(a[k], c[k]) for k in a)
+    # every finalist's edit is saved, and --pick keeps another trial of the finished study (no new trials)
+    for f in manifest["search"]["finalists"]:
+        assert (out / f["ablation_file"]).is_file()
+    other = next(n for n in range(4) if n != chosen["number"])
+    picked = tmp_path / "picked"
+    code, text, err = run_cli(capsys, "run", model_dirs["llama"], "-o", picked, *SEARCH, "--study",
+                              tmp_path / "searched.study", "--pick", str(other))
+    assert code == 0, err
+    search = json.loads((picked / "manifest.json").read_text())["search"]
+    assert search["chosen"]["number"] == other and "picked by the user" in search["rule"] and search["trials"] == 4
+    assert chosen["number"] in [f["number"] for f in search["finalists"]]
+    # apply --trial: the rule's choice, from the picked run's finalists, is the first run's model bit for bit
+    code, _, err = run_cli(capsys, "apply", model_dirs["llama"], "--manifest", picked / "manifest.json",
+                           "--trial", str(chosen["number"]), "-o", tmp_path / "fourth")
+    assert code == 0, err
+    d = _weights(tmp_path / "fourth")
+    assert all(torch.equal(a[k], d[k]) for k in a)
+    code, _, err = run_cli(capsys, "apply", model_dirs["llama"], "--manifest", out / "manifest.json", "--trial",
+                           "77", "-o", tmp_path / "fifth")
+    assert_clean_error(code, err, "--trial 77", tmp_path / "fifth")
+    code, _, err = run_cli(capsys, "run", model_dirs["llama"], "-o", tmp_path / "sixth", *SEARCH, "--study",
+                           tmp_path / "searched.study", "--pick", "77")
+    assert_clean_error(code, err, "--pick 77", tmp_path / "sixth")
+    # on a terminal the user is asked (Enter keeps the rule's choice)
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["-m", "abliterate.cli", "-q", "run", str(model_dirs["llama"]), "-o",
+                                           str(tmp_path / "asked"), *map(str, SEARCH), "--study",
+                                           str(tmp_path / "searched.study")],
+                          timeout=300, encoding="utf-8", dimensions=(40, 200))
+    child.expect("keep which trial")
+    child.sendline("999")
+    child.expect("not a trial of the front")
+    front = [t["number"] for t in manifest["search"]["front"]]
+    target = next((n for n in front if n != chosen["number"]), None)  # another front point, if there is one
+    child.sendline("" if target is None else str(target))
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    asked = json.loads((tmp_path / "asked" / "manifest.json").read_text())["search"]
+    assert asked["chosen"]["number"] == (chosen["number"] if target is None else target)
     # a rerun resumes the finished study: no new trials, the same choice
     code, text, err = run_cli(capsys, "run", model_dirs["llama"], "-o", tmp_path / "rerun", *SEARCH)
     assert code == 0, err
@@ -269,3 +329,26 @@ def test_search_bad_input(capsys, tmp_path, model_dirs):
     bad.write_text("{}")
     code, _, err = run_cli(capsys, "apply", model_dirs["llama"], "--manifest", bad, "-o", out)
     assert_clean_error(code, err, "not an abliterate manifest", out)
+
+
+def test_run_search_to_gguf_saves_every_finalist_and_apply_bakes_one(capsys, tmp_path, model_dirs):
+    from test_cli import run_cli
+
+    out = tmp_path / "tiny.gguf"
+    code, _, err = run_cli(capsys, "run", model_dirs["qwen2"], "-o", out, "--gguf-type", "F32", *SEARCH)
+    assert code == 0, err
+    search = json.loads((tmp_path / "tiny.manifest.json").read_text())["search"]
+    assert search["ablation_file"] == "tiny.ablation.safetensors" and (tmp_path / search["ablation_file"]).is_file()
+    files = {f["number"]: tmp_path / f["ablation_file"] for f in search["finalists"]}
+    assert all(f.is_file() and f.parent.name == "tiny.finalists" for f in files.values())
+    chosen = Ablation.load(tmp_path / search["ablation_file"])
+    assert torch.equal(Ablation.load(files[search["chosen"]["number"]]).bases, chosen.bases)
+    # any finalist, baked from the GGUF run's manifest
+    number = max(files)
+    code, _, err = run_cli(capsys, "apply", model_dirs["qwen2"], "--manifest", tmp_path / "tiny.manifest.json",
+                           "--trial", str(number), "-o", tmp_path / "again")
+    assert code == 0, err
+    applied = json.loads((tmp_path / "again" / "manifest.json").read_text())["search"]
+    assert applied["chosen"]["number"] == number
+    assert torch.equal(Ablation.load(tmp_path / "again" / "ablation.safetensors").bases,
+                       Ablation.load(files[number]).bases)

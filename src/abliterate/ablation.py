@@ -79,6 +79,7 @@ class Ablation:
         tensors = {"bases": self.bases.contiguous(), "attn": self.attn.contiguous(), "mlp": self.mlp.contiguous(),
                    "embed_basis": self.embed_basis.contiguous()}
         meta = {"abliterate.ablation": json.dumps({"embed": self.embed, "norm": self.norm, "params": self.params})}
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(path)

@@ -102,20 +102,10 @@ def cmd_run(args) -> int:
 def _search_table(s) -> str:
     """The Pareto front of a search: refusals in the trials' short answers (plus the refusal-opening probability,
     a tie-break), first-token KL and KL over 4 tokens, and refusals in full answers for the finalists."""
-    lines = [f"search: {len(s.trials)} trials in {s.wall_s:.0f} s; the original refused {s.baseline_refusals}/"
-             f"{s.n_harmful} search prompts",
-             f"{'trial':>5} {'refusals~':>10} {'counted':>8} {'kl':>8} {'kl@4':>8}  edit"]
-    for t in s.front:
-        p = t.params
-        what = (f"dir {'per-layer' if p['per_layer'] else format(p['direction'], '.2f')}"
-                f"{' proj' if p['projected'] else ''} k={p['k']} norm={p['norm']} "
-                f"attn {p['attn_peak']:.2f}@{p['attn_center']:.1f}±{p['attn_width']:.1f} "
-                f"mlp {p['mlp_peak']:.2f}@{p['mlp_center']:.1f}±{p['mlp_width']:.1f} emb {p['embed']:.2f}")
-        counted = str(t.refusals) if t.refusals is not None else "-"
-        mark = "  <- chosen" if t.chosen else ""
-        lines.append(f"{t.number:5d} {t.refusals_est:10.2f} {counted:>8} {t.kl:8.4f} {t.kl_steps:8.4f}  {what}{mark}")
-    lines.append(f"rule: {s.rule}")
-    return "\n".join(lines)
+    from .search import front_table
+
+    return (f"search: {len(s.trials)} trials in {s.wall_s:.0f} s; the original refused {s.baseline_refusals}/"
+            f"{s.n_harmful} search prompts\n{front_table(s.front)}\nrule: {s.rule}")
 
 
 def _print_gguf(path: Path, manifest: dict) -> None:
@@ -199,9 +189,9 @@ def cmd_concept(args) -> int:
     return 0
 
 
-def _from_manifest(path: Path):
-    """The edit a run (or an apply) saved: its direction and, for a searched edit, its ablation, from the files
-    beside the manifest."""
+def _from_manifest(path: Path, trial: int | None = None):
+    """The edit a run (or an apply) saved: its direction and, for a searched edit, its ablation (the chosen
+    one's, or finalist `trial`'s), from the files beside the manifest."""
     from .ablation import Ablation
     from .directions import Direction
 
@@ -214,7 +204,15 @@ def _from_manifest(path: Path):
         raise AbliterateError(f"{path} is a {kind} manifest; --manifest takes the manifest of `run` or `apply`")
     stem = path.name[: -len("manifest.json")] if path.name.endswith(".manifest.json") else ""
     search = manifest.get("search")
-    ablation = Ablation.load(path.parent / search["ablation_file"]) if search else None
+    file = search["ablation_file"] if search else None
+    if trial is not None:
+        saved = {t["number"]: t for t in (search or {}).get("finalists", []) if "ablation_file" in t}
+        if trial not in saved:
+            raise AbliterateError(f"--trial {trial}: {path} has no saved edit for that trial; its finalists are "
+                                  f"{', '.join(map(str, saved)) or 'none (not a searched run)'}")
+        search = dict(search, chosen=saved[trial])
+        file = saved[trial]["ablation_file"]
+    ablation = Ablation.load(path.parent / file) if file else None
     return Direction.load(path.parent / f"{stem}direction.safetensors"), ablation, search
 
 
@@ -226,11 +224,13 @@ def cmd_apply(args) -> int:
     cfg = _config(args)
     if (args.direction is None) == (args.manifest is None):
         raise AbliterateError("give exactly one of --direction FILE and --manifest FILE")
+    if args.trial is not None and not args.manifest:
+        raise AbliterateError("--trial picks a finalist of a searched run: give its --manifest too")
     if args.manifest and args.adapter:
         raise AbliterateError("--adapter takes --direction; a manifest's edit is applied to the whole model")
     ablation = search = None
     if args.manifest:
-        direction, ablation, search = _from_manifest(Path(args.manifest))
+        direction, ablation, search = _from_manifest(Path(args.manifest), args.trial)
     else:
         direction = Direction.load(args.direction)
     loaded, layout = load(args.model, cfg)
@@ -640,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", help="direction file from `abliterate directions` or a run")
     p.add_argument("--manifest", help="manifest.json (or NAME.manifest.json) of a run: its exact edit, searched "
                    "or not, from the files saved beside it")
+    p.add_argument("--trial", type=int, help="with --manifest of a searched run: another finalist's edit (its "
+                   "trial number, as in the run's front table) instead of the chosen one")
     p.add_argument("-o", "--output", required=True, help="model directory, NAME.gguf (a GGUF input is "
                    "copied with only the edited tensors replaced; a Hugging Face model is written whole, "
                    "--gguf-type), or with --adapter an adapter directory")

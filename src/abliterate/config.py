@@ -46,6 +46,8 @@ class RunConfig:
     finalists: int = opt(3, "search: Pareto points re-checked by full generation")
     slack: int = opt(1, "search: choose the lowest KL among finalists whose refusals are within this many of the best")
     max_kl: float | None = opt(None, "search: finalists above this first-token KL are not chosen")
+    pick: str = opt("auto", "search: the front point kept: 'rule' (--slack, --max-kl), 'ask' (show the front and "
+                    "read a trial number), 'auto' (ask on a terminal, else the rule), or a trial number")
     study: str | None = opt(None, "search: journal file of the study, resumed when it exists "
                             "(default: OUTPUT.study next to -o; in memory without -o)")
     # evaluation
@@ -83,6 +85,8 @@ class RunConfig:
             )
         if self.slack < 0:
             raise AbliterateError(f"--slack must be at least 0, got {self.slack}")
+        if self.pick not in ("auto", "rule", "ask") and not self.pick.isdigit():
+            raise AbliterateError(f"--pick {self.pick!r} is not one of: auto, rule, ask, or a trial number")
         parse_options(self.search_options)
         return self
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import random
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -43,7 +44,7 @@ from .models import Loaded, load_model
 from .prompts import ChatFormat, PromptSet, load_prompts
 from .refusal import is_refusal
 from .report import run_report, steer_report
-from .search import DirectionSource, SearchResult, make_probe, parse_options, run_search
+from .search import DirectionSource, Probe, SearchResult, ask_terminal, make_probe, parse_options, run_search
 from .selection import Selection, select
 from .steer import (
     INDUCE_MAX_DROP,
@@ -254,35 +255,65 @@ def study_path(cfg: RunConfig, out: str | Path | None) -> Path | None:
     return Path(str(out).rstrip("/") + ".study") if out is not None else None
 
 
-def search_edit(loaded: Loaded, layout: Layout, cfg: RunConfig, timer: Timer, out: str | Path | None
-                ) -> tuple[Direction, Candidates, SearchResult]:
-    """Steps 2-5 and the edit's parameters, by search: held-out prompts score every trial."""
+@dataclass
+class SearchSetup:
+    """What every trial of a search needs: the directions' sources and the scoring prompts."""
+
+    cands: Candidates
+    source: DirectionSource
+    probe: Probe
+    options: tuple[str, ...]
+    fingerprint: str  # model, prompts (as formatted) and options: a study made for others is refused
+
+
+def search_setup(loaded: Loaded, cfg: RunConfig, timer: Timer) -> SearchSetup:
+    """Steps 2-4 of a search: activations of the direction prompts, and the original on held-out ones."""
     fmt, tok = chat_format(cfg), loaded.tokenizer
     harmful, harmful_search = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train, cfg.n_search,
                                     cfg.seed)
     harmless, harmless_search = split(load_prompts(cfg.harmless, column=cfg.column), cfg.n_train, cfg.n_search,
                                       cfg.seed)
+    options = parse_options(cfg.search_options)
+    positions = "all" if "position" in options else "last"
     with timer("activations"):
-        a, b = collect_pair(loaded, fmt, harmful, harmless, replace(cfg, positions="last"), keep=True)
+        a, b = collect_pair(loaded, fmt, harmful, harmless, replace(cfg, positions=positions), keep=True)
         cands = candidates_from(loaded, harmful, harmless, a, b)
-    source = DirectionSource(a.per_prompt[:, :, -1], a.mean[:, -1], b.mean[:, -1])
+    source = DirectionSource(a.per_prompt, a.mean, b.mean)
+    harmful_search, harmless_search = fmt.render_all(tok, harmful_search), fmt.render_all(tok, harmless_search)
     with timer("search set-up"):
-        probe = make_probe(loaded.model, tok, fmt.render_all(tok, harmful_search), fmt.render_all(tok, harmless_search),
-                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        probe = make_probe(loaded.model, tok, harmful_search, harmless_search, max_new_tokens=cfg.max_new_tokens,
+                           batch_size=cfg.batch_size)
     fingerprint = hashlib.sha256(json.dumps([loaded.source, cands.meta["harmful_sha256"],
                                              cands.meta["harmless_sha256"], harmful_search, harmless_search,
-                                             cfg.max_new_tokens]).encode()).hexdigest()
+                                             fmt.render(tok, "x"), cfg.max_new_tokens]).encode()).hexdigest()
+    return SearchSetup(cands, source, probe, options, fingerprint)
+
+
+def search_edit(loaded: Loaded, layout: Layout, cfg: RunConfig, timer: Timer, out: str | Path | None
+                ) -> tuple[Direction, Candidates, SearchResult]:
+    """Steps 2-5 and the edit's parameters, by search: held-out prompts score every trial."""
+    setup = search_setup(loaded, cfg, timer)
+    cands = setup.cands
     with timer("search"):
         result = run_search(
-            loaded.model, layout, source, probe, trials=cfg.trials, time_budget=cfg.time_budget,
-            options=parse_options(cfg.search_options), finalists=cfg.finalists, slack=cfg.slack, max_kl=cfg.max_kl,
-            study_path=study_path(cfg, out), fingerprint=fingerprint, seed=cfg.seed,
-            max_new_tokens=cfg.max_new_tokens,
+            loaded.model, layout, setup.source, setup.probe, trials=cfg.trials, time_budget=cfg.time_budget,
+            options=setup.options, finalists=cfg.finalists, slack=cfg.slack, max_kl=cfg.max_kl,
+            study_path=study_path(cfg, out), fingerprint=setup.fingerprint, seed=cfg.seed,
+            max_new_tokens=cfg.max_new_tokens, **pick_from(cfg),
         )
     p = result.chosen.params
-    direction = cands.direction(min(round(p["direction"]), cands.n_layers - 1), -1, bool(p["projected"]))
+    direction = cands.direction(min(round(p["direction"]), cands.n_layers - 1), int(p.get("position", -1)),
+                                bool(p["projected"]))
     direction.meta["search"] = "the main direction of a searched edit; the whole edit is ablation.safetensors"
     return direction, cands, result
+
+
+def pick_from(cfg: RunConfig) -> dict:
+    """run_search's choice arguments for --pick: a trial number, the terminal, or the rule."""
+    if cfg.pick.isdigit():
+        return {"pick": int(cfg.pick)}
+    on_terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    return {"ask": ask_terminal} if cfg.pick == "ask" or (cfg.pick == "auto" and on_terminal) else {}
 
 
 def bake_ablation(loaded: Loaded, layout: Layout, ablation: Ablation) -> list[str]:
@@ -322,13 +353,15 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     if to_gguf:
         with timer("save"):
             saved = save_gguf(loaded, layout, out, direction, edited, manifest, cfg, cands=cands, report=report,
-                              ablation=searched.ablation if searched else None)
+                              ablation=searched.ablation if searched else None, searched=searched)
     elif out is not None:
         with timer("save"):
             def extra(tmp: Path) -> None:
                 direction.save(tmp / "direction.safetensors", cands)
                 if searched:
                     searched.ablation.save(tmp / ABLATION_FILE)
+                    for n, ab in searched.ablations.items():
+                        ab.save(tmp / finalist_file(n))
                 (tmp / "metrics.json").write_text(json.dumps(manifest["metrics"], indent=2))
                 (tmp / "generations.json").write_text(json.dumps(side_by_side(before, after), indent=2))
                 (tmp / "report.html").write_text(report)
@@ -341,11 +374,20 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
 ABLATION_FILE = "ablation.safetensors"
 
 
-def search_manifest(r: SearchResult) -> dict:
-    """Everything needed to see and reproduce the choice: the edit's parameters and where its tensors are."""
+def finalist_file(number: int, prefix: str = "") -> str:
+    """Where a checked trial's edit is saved, relative to the manifest (prefix: 'NAME.' beside a GGUF file)."""
+    return f"{prefix}finalists/trial-{number}.{ABLATION_FILE}"
+
+
+def search_manifest(r: SearchResult, prefix: str = "") -> dict:
+    """Everything needed to see and reproduce the choice: the edit's parameters and where its tensors are
+    (the chosen edit's, and every finalist's for `apply --manifest --trial N`)."""
+    checked = r.finalists + ([r.chosen] if r.chosen not in r.finalists else [])
     return {
-        "chosen": asdict(r.chosen), "rule": r.rule, "ablation_file": ABLATION_FILE,
-        "front": r.table(), "finalists": [asdict(t) for t in r.finalists], "trials": len(r.trials),
+        "chosen": asdict(r.chosen), "rule": r.rule, "ablation_file": prefix + ABLATION_FILE,
+        "front": r.table(),
+        "finalists": [asdict(t) | {"ablation_file": finalist_file(t.number, prefix)} for t in checked],
+        "trials": len(r.trials),
         "baseline_refusals": r.baseline_refusals, "n_harmful": r.n_harmful, "n_harmless": r.n_harmless,
         "study": r.study, "wall_s": r.wall_s,
     }
@@ -369,7 +411,7 @@ def check_outputs(out: str | Path, loaded: Loaded, cfg: RunConfig) -> bool:
 
 def save_gguf(loaded: Loaded, layout: Layout, out: str | Path, direction: Direction, edited: list[str],
               manifest: dict, cfg: RunConfig, cands: Candidates | None = None, report: str | None = None,
-              ablation: Ablation | None = None) -> Path:
+              ablation: Ablation | None = None, searched: SearchResult | None = None) -> Path:
     """Step 9 for a GGUF output: the edited copy of a GGUF input, or a Hugging Face model written whole
     (weights in `cfg.gguf_type`); then the companions next to it (NAME.*)."""
     if loaded.gguf_file is not None:
@@ -386,6 +428,10 @@ def save_gguf(loaded: Loaded, layout: Layout, out: str | Path, direction: Direct
         name = stem.name + "." + ABLATION_FILE
         ablation.save(stem.with_name(name))
         manifest["search"]["ablation_file"] = name
+    if searched is not None:
+        manifest["search"] = search_manifest(searched, prefix=stem.name + ".")
+        for n, ab in searched.ablations.items():
+            ab.save(stem.parent / finalist_file(n, stem.name + "."))
     stem.with_name(stem.name + ".manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     if report is not None:
         stem.with_name(stem.name + ".report.html").write_text(report)

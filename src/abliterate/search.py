@@ -3,9 +3,9 @@
 A trial is a set of parameters (`Params`) resolved into an `Ablation` and run by hooks
 (no weight copies). It is scored cheaply on held-out prompts (`Probe`):
 
-- refusals: the expected number of harmful prompts whose answer opens with one of the
-  model's own refusal openings (first tokens of the original's refusals that never open
-  its answers), from one forward pass, no generation;
+- refusals: counted by the marker detector in short greedy answers (12 tokens) to harmful
+  prompts, plus the mean probability of the model's own refusal openings at the first
+  token (first tokens of the original's refusals that never open its answers) to break ties;
 - KL: KL(original || edited) at the first response token of harmless prompts (and over
   a short teacher-forced continuation of the original's answers, recorded).
 
@@ -15,8 +15,8 @@ on Qwen2.5 that is 25 of 41 tokens, and trials cost 2.5 times less.
 
 Optuna's multi-objective TPE proposes trials; the study lives in a journal file, so a killed
 search resumes where it stopped. The Pareto front's most effective points (the finalists)
-are re-checked by full generation, and the choice is the lowest KL whose counted refusals
-are within `slack` of the best finalist's.
+are re-checked by longer generation, and the choice is the lowest KL whose counted refusals
+are within `slack` of the best finalist's, or the trial the user picks.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 # Each can be switched off to measure what it brings (benchmarks/bench_search.py).
 OPTIONS = {
+    "position": "the direction may come from any post-instruction token, not only the last one",
     "fractional": "direction index between two layers (interpolated), not only whole layers",
     "per_layer": "each block may use its own layer's direction instead of one for all",
     "projected": "the direction may be orthogonalized against the harmless mean (biprojection)",
@@ -100,13 +101,14 @@ class Params:
     attn: Profile
     mlp: Profile
     embed: float
+    position: int = -1  # token the directions are taken at, counted from the end of the prompt
 
     @classmethod
     def classic(cls, n_layers: int, options: tuple[str, ...] = DEFAULT_OPTIONS) -> "Params":
         full = Profile(1.0, (n_layers - 1) / 2, 1.0, float(n_layers))
         lo, hi = _direction_range(n_layers, "fractional" in options)
         layer = float(min(max(round(0.6 * n_layers), lo), hi))
-        return cls(layer, False, False, 1, "none", full, copy.copy(full), 1.0 if "embed" in options else 0.0)
+        return cls(layer, False, False, 1, "none", full, copy.copy(full), 1.0 if "embed" in options else 0.0, -1)
 
     def flat(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("attn", "mlp")}
@@ -119,7 +121,7 @@ class Params:
         prof = {c: Profile(*(float(d[f"{c}_{k}"]) for k in ("peak", "center", "floor", "width")))
                 for c in ("attn", "mlp")}
         return cls(float(d["direction"]), bool(d["per_layer"]), bool(d["projected"]), int(d["k"]), str(d["norm"]),
-                   prof["attn"], prof["mlp"], float(d["embed"]))
+                   prof["attn"], prof["mlp"], float(d["embed"]), int(d.get("position", -1)))
 
 
 def _direction_range(n_layers: int, fractional: bool) -> tuple[float, float]:
@@ -130,9 +132,10 @@ def _direction_range(n_layers: int, fractional: bool) -> tuple[float, float]:
     return math.ceil(lo), max(math.ceil(lo), math.floor(hi))
 
 
-def suggest(trial, n_layers: int, options: tuple[str, ...]) -> Params:
+def suggest(trial, n_layers: int, options: tuple[str, ...], n_positions: int = 1) -> Params:
     """Ask an Optuna trial for a point. Every parameter is always asked (a fixed space suits multivariate TPE)."""
     L = n_layers
+    position = trial.suggest_int("position", -n_positions if "position" in options else -1, -1)
     lo, hi = _direction_range(L, "fractional" in options)
     if "fractional" in options:
         direction = trial.suggest_float("direction", lo, hi)
@@ -150,7 +153,7 @@ def suggest(trial, n_layers: int, options: tuple[str, ...]) -> Params:
                           trial.suggest_float(f"{c}_center", 0.2 * (L - 1), L - 1),
                           trial.suggest_float(f"{c}_floor", 0.0, 1.0), trial.suggest_float(f"{c}_width", 1.0, L))
     embed = trial.suggest_float("embed", 0.0, 1.0) if "embed" in options else trial.suggest_float("embed", 0.0, 0.0)
-    return Params(direction, per_layer, projected, k, norm, prof["attn"], prof["mlp"], embed)
+    return Params(direction, per_layer, projected, k, norm, prof["attn"], prof["mlp"], embed, position)
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
@@ -159,41 +162,54 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DirectionSource:
-    """Per-prompt harmful activations and both means at every block input, last prompt token.
+    """Per-prompt harmful activations and both means at every block input, at the last P prompt tokens.
 
-    harmful: (N, L, H) float32; harmful_mean, harmless_mean: (L, H) float64.
+    harmful: (N, L, P, H) float32; harmful_mean, harmless_mean: (L, P, H) float64. Position -1 is
+    the last prompt token, -P the first of the template's post-instruction tokens.
     """
 
     harmful: torch.Tensor
     harmful_mean: torch.Tensor
     harmless_mean: torch.Tensor
 
+    def __post_init__(self):
+        if self.harmful_mean.dim() == 2:  # one position: the last token
+            self.harmful, self.harmful_mean, self.harmless_mean = (
+                self.harmful.unsqueeze(2), self.harmful_mean.unsqueeze(1), self.harmless_mean.unsqueeze(1))
+
     @property
     def n_layers(self) -> int:
         return self.harmful_mean.shape[0]
 
-    def diff(self, layer: int, projected: bool) -> torch.Tensor:
-        d = self.harmful_mean[layer] - self.harmless_mean[layer]  # (H,) float64
+    @property
+    def n_positions(self) -> int:
+        return self.harmful_mean.shape[1]
+
+    def diff(self, layer: int, projected: bool, position: int = -1) -> torch.Tensor:
+        if not -self.n_positions <= position <= -1:
+            raise AbliterateError(f"token position {position} is outside the {self.n_positions} kept "
+                                  f"(-{self.n_positions}..-1)")
+        d = self.harmful_mean[layer, position] - self.harmless_mean[layer, position]  # (H,) float64
         if projected:
-            mu = _unit(self.harmless_mean[layer])
+            mu = _unit(self.harmless_mean[layer, position])
             d = d - (d @ mu) * mu
         return _unit(d)
 
-    def direction(self, index: float, projected: bool) -> torch.Tensor:
+    def direction(self, index: float, projected: bool, position: int = -1) -> torch.Tensor:
         """Unit direction at a fractional layer index: the normalized interpolation of two layers' directions."""
         a = min(max(int(math.floor(index)), 0), self.n_layers - 1)
         b = min(a + 1, self.n_layers - 1)
         t = index - a
-        return _unit((1 - t) * self.diff(a, projected) + t * self.diff(b, projected))
+        return _unit((1 - t) * self.diff(a, projected, position) + t * self.diff(b, projected, position))
 
-    def basis(self, index: float, projected: bool, k: int) -> torch.Tensor:
+    def basis(self, index: float, projected: bool, k: int, position: int = -1) -> torch.Tensor:
         """(k, H) orthonormal: the direction, then the top singular vectors of the per-prompt differences
         (harmful prompt minus harmless mean, at the nearest layer) with the direction removed."""
-        r = self.direction(index, projected)
+        r = self.direction(index, projected, position)
         if k == 1:
             return r.float().unsqueeze(0)
         layer = min(max(round(index), 0), self.n_layers - 1)
-        diffs = self.harmful[:, layer].double() - self.harmless_mean[layer]  # (N, H)
+        diffs = self.harmful[:, layer, position].double() - self.harmless_mean[layer, position]  # (N, H)
         diffs = diffs - (diffs @ r).unsqueeze(-1) * r
         _, _, vh = torch.linalg.svd(diffs, full_matrices=False)
         q = torch.linalg.qr(torch.cat([r.unsqueeze(0), vh[: k - 1]]).T).Q.T  # (k, H)
@@ -204,9 +220,9 @@ class DirectionSource:
         L = self.n_layers
         if p.per_layer:
             # the writers of block l write the stream entering block l + 1
-            bases = torch.stack([self.basis(min(i + 1, L - 1), p.projected, p.k) for i in range(L)])
+            bases = torch.stack([self.basis(min(i + 1, L - 1), p.projected, p.k, p.position) for i in range(L)])
         else:
-            bases = self.basis(p.direction, p.projected, p.k).unsqueeze(0).expand(L, -1, -1).contiguous()
+            bases = self.basis(p.direction, p.projected, p.k, p.position).unsqueeze(0).expand(L, -1, -1).contiguous()
         return Ablation(bases, p.attn.weights(L), p.mlp.weights(L), bases[0].clone(), p.embed, p.norm, p.flat())
 
 
@@ -400,7 +416,7 @@ class TrialResult:
 @dataclass
 class SearchResult:
     chosen: TrialResult
-    ablation: Ablation
+    ablations: dict[int, Ablation]  # every finalist's edit (and the chosen one's), by trial number
     trials: list[TrialResult]
     front: list[TrialResult]  # Pareto-optimal on (refusals_est, kl), by refusals
     finalists: list[TrialResult]
@@ -411,8 +427,46 @@ class SearchResult:
     wall_s: float
     rule: str = ""
 
+    @property
+    def ablation(self) -> Ablation:
+        return self.ablations[self.chosen.number]
+
     def table(self) -> list[dict]:
         return [asdict(t) for t in self.front]
+
+
+def describe(p: dict) -> str:
+    """One line for a trial's parameters (Params.flat())."""
+    pos = p.get("position", -1)
+    return (f"dir {'per-layer' if p['per_layer'] else format(p['direction'], '.2f')}"
+            f"{f' pos {pos}' if pos != -1 else ''}{' proj' if p['projected'] else ''} k={p['k']} norm={p['norm']} "
+            f"attn {p['attn_peak']:.2f}@{p['attn_center']:.1f}±{p['attn_width']:.1f} "
+            f"mlp {p['mlp_peak']:.2f}@{p['mlp_center']:.1f}±{p['mlp_width']:.1f} emb {p['embed']:.2f}")
+
+
+def front_table(front: list[TrialResult]) -> str:
+    """The Pareto front as text: refusals in the trials' short answers (plus the refusal-opening probability, a
+    tie-break), refusals counted in full answers (finalists), first-token KL and KL over the first tokens."""
+    lines = [f"{'trial':>5} {'refusals~':>10} {'counted':>8} {'kl':>8} {'kl@4':>8}  edit"]
+    for t in front:
+        counted = str(t.refusals) if t.refusals is not None else "-"
+        mark = "  <- chosen" if t.chosen else ""
+        lines.append(f"{t.number:5d} {t.refusals_est:10.2f} {counted:>8} {t.kl:8.4f} {t.kl_steps:8.4f}  "
+                     f"{describe(t.params)}{mark}")
+    return "\n".join(lines)
+
+
+def ask_terminal(front: list[TrialResult], default: TrialResult) -> int:
+    """Show the front and read the trial to keep from the terminal (Enter keeps the rule's choice)."""
+    print(front_table(front), flush=True)
+    numbers = {t.number for t in front}
+    while True:
+        answer = input(f"keep which trial? (Enter: {default.number}, the rule's choice) ").strip()
+        if not answer:
+            return default.number
+        if answer.isdigit() and int(answer) in numbers:
+            return int(answer)
+        print(f"{answer!r} is not a trial of the front: one of {', '.join(map(str, sorted(numbers)))}", flush=True)
 
 
 def pareto(trials: list[TrialResult]) -> list[TrialResult]:
@@ -449,10 +503,13 @@ def _storage(path: str | Path):
 def run_search(model, layout: Layout, source: DirectionSource, probe: Probe, *, trials: int = 60,
                time_budget: float | None = None, options: tuple[str, ...] = DEFAULT_OPTIONS, finalists: int = 3,
                slack: int = 1, max_kl: float | None = None, study_path: str | Path | None = None,
-               fingerprint: str = "", seed: int = 0, max_new_tokens: int = 32, stop_after: int | None = None
-               ) -> SearchResult:
+               fingerprint: str = "", seed: int = 0, max_new_tokens: int = 32, stop_after: int | None = None,
+               pick: int | None = None, ask=None) -> SearchResult:
     """Run (or resume) the study until `trials` are complete or `time_budget` seconds pass, then choose.
 
+    The choice is the rule's (`choose`) unless the user names a trial: `pick` (any completed trial's
+    number), or `ask(front, default) -> number` (e.g. `ask_terminal`). A picked trial that is not a
+    finalist has its refusals counted like one.
     stop_after: stop (as if killed) after this many new trials; for tests of resuming.
     """
     import optuna
@@ -492,7 +549,7 @@ def run_search(model, layout: Layout, source: DirectionSource, probe: Probe, *, 
         if stop_after is not None and new >= stop_after:
             break
         trial = study.ask()
-        params = suggest(trial, L, options)
+        params = suggest(trial, L, options, source.n_positions)
         with ablating(model, source.ablation(params), layout):
             s = score(model, probe)
         trial.set_user_attr("kl_steps", s.kl_steps)
@@ -509,17 +566,33 @@ def run_search(model, layout: Layout, source: DirectionSource, probe: Probe, *, 
     if not results:
         raise AbliterateError("the search finished no trial; raise --trials or --time-budget")
     front = pareto(results)
+    by_number = {t.number: t for t in results}
+    if pick is not None and pick not in by_number:
+        raise AbliterateError(f"--pick {pick}: no completed trial has that number; the front's trials are "
+                              f"{', '.join(str(t.number) for t in front)}")
     picks = [t for t in front if max_kl is None or t.kl <= max_kl][:finalists] or front[:1]
-    for t in tqdm(picks, desc="finalists", leave=False, unit="trial"):
-        with ablating(model, source.ablation(Params.from_flat(t.params)), layout):
+    ablations = {}
+
+    def check(t: TrialResult) -> None:  # refusals counted in full answers
+        ablations[t.number] = source.ablation(Params.from_flat(t.params))
+        with ablating(model, ablations[t.number], layout):
             answers, _ = cached_greedy(model, probe.prefix, probe.harmful, max_new_tokens, probe.pad_id, probe.eos,
                                        probe.batch_size)
         t.refusals = sum(is_refusal(probe.decode(a, skip_special_tokens=True).strip()) for a in answers)
+
+    for t in tqdm(picks, desc="finalists", leave=False, unit="trial"):
+        check(t)
     chosen, rule = choose(picks, slack, max_kl)
+    number = pick if pick is not None else ask(front, chosen) if ask is not None else chosen.number
+    if number != chosen.number:
+        rule = f"trial {number}, picked by the user (the rule would take trial {chosen.number}: {rule})"
+        chosen = by_number[number]
+        if chosen.number not in ablations:
+            check(chosen)
     chosen.chosen = True
-    return SearchResult(chosen, source.ablation(Params.from_flat(chosen.params)), results, front, picks,
-                        probe.baseline_refusals, len(probe.harmful), len(probe.harmless),
-                        str(study_path) if study_path else None, time.perf_counter() - start, rule)
+    return SearchResult(chosen, ablations, results, front, picks, probe.baseline_refusals, len(probe.harmful),
+                        len(probe.harmless), str(study_path) if study_path else None, time.perf_counter() - start,
+                        rule)
 
 
 def _results(study) -> list[TrialResult]:
