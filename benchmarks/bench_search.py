@@ -1,8 +1,9 @@
 """Benchmark `run --search` on the reference model (Qwen2.5-Coder-0.5B-Instruct), to compare with Heretic.
 
-The setting of issue 3: directions from 128 + 128 prompts of the shared train files
+The setting of issue 3 (Heretic's): directions from 128 + 128 prompts of the shared train files
 (the search scores trials on 48 + 48 other prompts of the same files), evaluation on
-harmful_val.json (39) and the first 100 of harmless_val.json with 32-token answers.
+harmful_val.json (39) and the first 100 of harmless_val.json with 32-token answers, and
+Heretic's system prompt "You are a helpful assistant.".
 Prints one JSON object: refusals, KL (first token and 16 tokens), wall time, trials,
 peak memory, the chosen parameters and the Pareto front.
 
@@ -31,29 +32,41 @@ from abliterate.pipeline import run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", default=str(ROOT.parent / "shared" / "data" / "prompts"))
-    parser.add_argument("--options", default="default", help="search options (default: the defaults)")
-    parser.add_argument("overrides", nargs="*", help="RunConfig fields, e.g. trials=40 time_budget=900")
-    args = parser.parse_args()
+# Heretic's default system prompt, under which the issue's Heretic figures were measured: with it
+# the reference model refuses 11/39 of harmful_val (the figure Heretic printed for the original);
+# with the template's own ("You are Qwen, created by Alibaba Cloud...") it refuses 21/39.
+HERETIC_SYSTEM_PROMPT = "You are a helpful assistant."
 
-    p = args.prompts
+
+def make_config(prompts: str, options: str, overrides: list[str]) -> RunConfig:
+    p = prompts
     cfg = RunConfig(harmful=f"{p}/harmful_train.json", harmless=f"{p}/harmless_train.json",
                     eval_harmful=f"{p}/harmful_val.json", eval_harmless=f"{p}/harmless_val.json",
-                    n_eval_harmless=100, search=True, search_options=args.options, force=True)
-    for item in args.overrides:
+                    n_eval_harmless=100, search=True, search_options=options, force=True,
+                    system_prompt=HERETIC_SYSTEM_PROMPT, pick="rule")
+    for item in overrides:
         key, _, value = item.partition("=")
         current = getattr(cfg, key)
         cast = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(current, bool) else type(current or "")
         if key in ("time_budget", "max_kl"):
             cast = float
         cfg = replace(cfg, **{key: cast(value) if value != "None" else None})
+    return cfg
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", default=str(ROOT.parent / "shared" / "data" / "prompts"))
+    parser.add_argument("--options", default="default", help="search options (default: the defaults)")
+    parser.add_argument("overrides", nargs="*", help="RunConfig fields, e.g. trials=40 time_budget=900 "
+                        "system_prompt=None (the template's own) study=FILE (kept for bench_options.py)")
+    args = parser.parse_args()
+    cfg = make_config(args.prompts, args.options, args.overrides)
 
     model_dir = reference.hf_dir(progress=lambda m: print(m, file=sys.stderr))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        result = run(str(model_dir), None, replace(cfg, study=str(Path(tmp) / "study")))
+        result = run(str(model_dir), None, replace(cfg, study=cfg.study or str(Path(tmp) / "study")))
         total = time.perf_counter() - t0
     before, after, s = result.before.metrics, result.after.metrics, result.search
     report = {
@@ -61,6 +74,8 @@ def main() -> int:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
         "options": args.options,
+        "system_prompt": cfg.system_prompt,
+        "max_kl": cfg.max_kl,
         "refusals_before": f"{before.refusals}/{before.n_harmful}",
         "refusals": f"{after.refusals}/{after.n_harmful}",
         "over_refusals": f"{after.over_refusals}/{after.n_harmless}",
