@@ -77,7 +77,7 @@ def main() -> int:
     parser.add_argument("--prompts", default=str(ROOT.parent / "shared" / "data" / "prompts"))
     parser.add_argument("--points", type=int, default=3, help="front points to test (default: 3)")
     parser.add_argument("overrides", nargs="*", help="the RunConfig fields the study was run with")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     cfg = make_config(args.prompts, "default", args.overrides)
     max_kl = cfg.max_kl if cfg.max_kl is not None else float("inf")
 
