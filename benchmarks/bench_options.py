@@ -27,7 +27,7 @@ import optuna
 from abliterate import reference
 from abliterate.ablation import ablating
 from abliterate.pipeline import Timer, load, search_setup
-from abliterate.search import Params, _results, _storage, pareto, score
+from abliterate.search import STUDY_NAME, Params, completed_trials, journal_storage, pareto, score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import ROOT, make_config  # noqa: E402
@@ -81,8 +81,8 @@ def main() -> int:
     cfg = make_config(args.prompts, "default", args.overrides)
     max_kl = cfg.max_kl if cfg.max_kl is not None else float("inf")
 
-    study = optuna.load_study(study_name="abliterate-search", storage=_storage(args.study))
-    trials = _results(study)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(args.study))
+    trials = completed_trials(study)
     points = [t for t in pareto(trials) if t.kl <= max_kl][: args.points]
     options = study.user_attrs["options"]
     t0 = time.perf_counter()

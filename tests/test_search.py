@@ -140,7 +140,8 @@ def test_profile_weights():
 def test_bases_are_orthonormal_and_interpolate():
     g = torch.Generator().manual_seed(0)
     harmful = torch.randn(20, 4, 16, generator=g) + 3 * torch.eye(16)[0]
-    src = DirectionSource(harmful, harmful.double().mean(0), torch.randn(4, 16, generator=g).double())
+    harmful = harmful.unsqueeze(2)  # one token position
+    src = DirectionSource(harmful, harmful.double().mean(0), torch.randn(4, 1, 16, generator=g).double())
     b = src.basis(1.5, projected=True, k=3)
     torch.testing.assert_close(b @ b.T, torch.eye(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(b[0].double(), src.direction(1.5, True), atol=1e-6, rtol=0)
@@ -200,8 +201,8 @@ def _setup(tokenizer, arch="qwen2"):
     harmless = [chat(f"Write a poem about the number {i}.") for i in range(6)]
     g = torch.Generator().manual_seed(0)
     L, H = layout.n_layers, layout.hidden_size
-    per = torch.randn(12, L, H, generator=g)
-    src = DirectionSource(per, per.double().mean(0), torch.randn(L, H, generator=g).double())
+    per = torch.randn(12, L, 1, H, generator=g)
+    src = DirectionSource(per, per.double().mean(0), torch.randn(L, 1, H, generator=g).double())
     probe = make_probe(model, tokenizer, harmful, harmless, max_new_tokens=4, steps=3, batch_size=4)
     return model, layout, src, probe
 
@@ -340,11 +341,11 @@ def test_run_search_to_gguf_saves_every_finalist_and_apply_bakes_one(capsys, tmp
     search = json.loads((tmp_path / "tiny.manifest.json").read_text())["search"]
     assert search["ablation_file"] == "tiny.ablation.safetensors" and (tmp_path / search["ablation_file"]).is_file()
     files = {f["number"]: tmp_path / f["ablation_file"] for f in search["finalists"]}
-    assert all(f.is_file() and f.parent.name == "tiny.finalists" for f in files.values())
-    chosen = Ablation.load(tmp_path / search["ablation_file"])
-    assert torch.equal(Ablation.load(files[search["chosen"]["number"]]).bases, chosen.bases)
+    assert files[search["chosen"]["number"]].name == "tiny.ablation.safetensors"  # saved once, not twice
+    assert all(f.is_file() and f.parent.name == "tiny.finalists" for n, f in files.items()
+               if n != search["chosen"]["number"])
     # any finalist, baked from the GGUF run's manifest
-    number = max(files)
+    number = max((n for n in files if n != search["chosen"]["number"]), default=search["chosen"]["number"])
     code, _, err = run_cli(capsys, "apply", model_dirs["qwen2"], "--manifest", tmp_path / "tiny.manifest.json",
                            "--trial", str(number), "-o", tmp_path / "again")
     assert code == 0, err

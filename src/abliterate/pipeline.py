@@ -263,7 +263,7 @@ class SearchSetup:
     source: DirectionSource
     probe: Probe
     options: tuple[str, ...]
-    fingerprint: str  # model, prompts (as formatted) and options: a study made for others is refused
+    fingerprint: str  # model, prompts (the search's as formatted: template and system prompt included)
 
 
 def search_setup(loaded: Loaded, cfg: RunConfig, timer: Timer) -> SearchSetup:
@@ -285,7 +285,7 @@ def search_setup(loaded: Loaded, cfg: RunConfig, timer: Timer) -> SearchSetup:
                            batch_size=cfg.batch_size)
     fingerprint = hashlib.sha256(json.dumps([loaded.source, cands.meta["harmful_sha256"],
                                              cands.meta["harmless_sha256"], harmful_search, harmless_search,
-                                             fmt.render(tok, "x"), cfg.max_new_tokens]).encode()).hexdigest()
+                                             cfg.max_new_tokens]).encode()).hexdigest()
     return SearchSetup(cands, source, probe, options, fingerprint)
 
 
@@ -353,15 +353,13 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     if to_gguf:
         with timer("save"):
             saved = save_gguf(loaded, layout, out, direction, edited, manifest, cfg, cands=cands, report=report,
-                              ablation=searched.ablation if searched else None, searched=searched)
+                              searched=searched)
     elif out is not None:
         with timer("save"):
             def extra(tmp: Path) -> None:
                 direction.save(tmp / "direction.safetensors", cands)
-                if searched:
-                    searched.ablation.save(tmp / ABLATION_FILE)
-                    for n, ab in searched.ablations.items():
-                        ab.save(tmp / finalist_file(n))
+                for rel, ablation in (search_files(searched) if searched else {}).items():
+                    ablation.save(tmp / rel)
                 (tmp / "metrics.json").write_text(json.dumps(manifest["metrics"], indent=2))
                 (tmp / "generations.json").write_text(json.dumps(side_by_side(before, after), indent=2))
                 (tmp / "report.html").write_text(report)
@@ -374,9 +372,15 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
 ABLATION_FILE = "ablation.safetensors"
 
 
-def finalist_file(number: int, prefix: str = "") -> str:
-    """Where a checked trial's edit is saved, relative to the manifest (prefix: 'NAME.' beside a GGUF file)."""
-    return f"{prefix}finalists/trial-{number}.{ABLATION_FILE}"
+def edit_file(r: SearchResult, number: int, prefix: str = "") -> str:
+    """Where checked trial `number`'s edit is saved, relative to the manifest (prefix: 'NAME.' beside a GGUF
+    file): the chosen one in ABLATION_FILE, the other finalists under finalists/."""
+    return prefix + (ABLATION_FILE if number == r.chosen.number else f"finalists/trial-{number}.{ABLATION_FILE}")
+
+
+def search_files(r: SearchResult, prefix: str = "") -> dict[str, Ablation]:
+    """Every checked trial's edit, by the path it is saved at."""
+    return {edit_file(r, n, prefix): ablation for n, ablation in r.ablations.items()}
 
 
 def search_manifest(r: SearchResult, prefix: str = "") -> dict:
@@ -384,9 +388,9 @@ def search_manifest(r: SearchResult, prefix: str = "") -> dict:
     (the chosen edit's, and every finalist's for `apply --manifest --trial N`)."""
     checked = r.finalists + ([r.chosen] if r.chosen not in r.finalists else [])
     return {
-        "chosen": asdict(r.chosen), "rule": r.rule, "ablation_file": prefix + ABLATION_FILE,
+        "chosen": asdict(r.chosen), "rule": r.rule, "ablation_file": edit_file(r, r.chosen.number, prefix),
         "front": r.table(),
-        "finalists": [asdict(t) | {"ablation_file": finalist_file(t.number, prefix)} for t in checked],
+        "finalists": [asdict(t) | {"ablation_file": edit_file(r, t.number, prefix)} for t in checked],
         "trials": len(r.trials),
         "baseline_refusals": r.baseline_refusals, "n_harmful": r.n_harmful, "n_harmless": r.n_harmless,
         "study": r.study, "wall_s": r.wall_s,
@@ -424,14 +428,14 @@ def save_gguf(loaded: Loaded, layout: Layout, out: str | Path, direction: Direct
     manifest["gguf"] = {k: v for k, v in summary.items() if k != "path"}
     stem = path.with_suffix("")
     direction.save(stem.with_name(stem.name + ".direction.safetensors"), cands)
-    if ablation is not None:
+    if searched is not None:  # a run's search: every checked trial's edit
+        manifest["search"] = search_manifest(searched, prefix=stem.name + ".")
+        for rel, saved in search_files(searched, prefix=stem.name + ".").items():
+            saved.save(stem.parent / rel)
+    elif ablation is not None:  # an apply of a searched edit
         name = stem.name + "." + ABLATION_FILE
         ablation.save(stem.with_name(name))
         manifest["search"]["ablation_file"] = name
-    if searched is not None:
-        manifest["search"] = search_manifest(searched, prefix=stem.name + ".")
-        for n, ab in searched.ablations.items():
-            ab.save(stem.parent / finalist_file(n, stem.name + "."))
     stem.with_name(stem.name + ".manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     if report is not None:
         stem.with_name(stem.name + ".report.html").write_text(report)

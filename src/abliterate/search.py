@@ -172,11 +172,6 @@ class DirectionSource:
     harmful_mean: torch.Tensor
     harmless_mean: torch.Tensor
 
-    def __post_init__(self):
-        if self.harmful_mean.dim() == 2:  # one position: the last token
-            self.harmful, self.harmful_mean, self.harmless_mean = (
-                self.harmful.unsqueeze(2), self.harmful_mean.unsqueeze(1), self.harmless_mean.unsqueeze(1))
-
     @property
     def n_layers(self) -> int:
         return self.harmful_mean.shape[0]
@@ -493,7 +488,10 @@ def choose(finalists: list[TrialResult], slack: int, max_kl: float | None) -> tu
                   + (f" and KL <= {max_kl}" if max_kl is not None else ""))
 
 
-def _storage(path: str | Path):
+STUDY_NAME = "abliterate-search"  # one study per journal file
+
+
+def journal_storage(path: str | Path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -517,10 +515,9 @@ def run_search(model, layout: Layout, source: DirectionSource, probe: Probe, *, 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     start = time.perf_counter()
     L = layout.n_layers
-    name = "abliterate-search"
-    storage = _storage(study_path) if study_path else None
+    storage = journal_storage(study_path) if study_path else None
     sampler = optuna.samplers.TPESampler(multivariate=True, n_startup_trials=max(5, trials * 3 // 10), seed=seed)
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, load_if_exists=True,
                                 directions=["minimize", "minimize"])
     info = {"fingerprint": fingerprint, "options": list(options)}
     if study.user_attrs:
@@ -557,12 +554,12 @@ def run_search(model, layout: Layout, source: DirectionSource, probe: Probe, *, 
         study.tell(trial, [s.refusals, s.kl])
         new += 1
         bar.update(1)
-        front = pareto(_results(study))
+        front = pareto(completed_trials(study))
         best = min(front, key=lambda t: (t.refusals_est, t.kl))
         bar.set_postfix_str(f"best refusals~{best.refusals_est:.1f}/{len(probe.harmful)} kl {best.kl:.3f}")
     bar.close()
 
-    results = _results(study)
+    results = completed_trials(study)
     if not results:
         raise AbliterateError("the search finished no trial; raise --trials or --time-budget")
     front = pareto(results)
@@ -595,7 +592,7 @@ def run_search(model, layout: Layout, source: DirectionSource, probe: Probe, *, 
                         rule)
 
 
-def _results(study) -> list[TrialResult]:
+def completed_trials(study) -> list[TrialResult]:
     import optuna
 
     out = []
