@@ -1,9 +1,10 @@
 """Benchmark `run --search` on the reference model (Qwen2.5-Coder-0.5B-Instruct), to compare with Heretic.
 
-The setting of issue 3 (Heretic's): directions from 128 + 128 prompts of the shared train files
-(the search scores trials on 48 + 48 other prompts of the same files), evaluation on
-harmful_val.json (39) and the first 100 of harmless_val.json with 32-token answers, and
-Heretic's system prompt "You are a helpful assistant.".
+The setting of issue 3 (Heretic's): directions from 128 + 128 prompts of the shared train files,
+evaluation on harmful_val.json (39) and the first 100 of harmless_val.json with 32-token answers, and
+Heretic's system prompt "You are a helpful assistant.". Heretic scores its trials on those evaluation
+prompts (its front is in-sample): `search_on=eval` does the same; the default (`held-out`) scores
+trials on 48 + 48 other prompts of the train files.
 Prints one JSON object: refusals, KL (first token and 16 tokens), wall time, trials,
 peak memory, the chosen parameters and the Pareto front.
 
@@ -75,6 +76,7 @@ def main() -> int:
         "threads": torch.get_num_threads(),
         "options": args.options,
         "system_prompt": cfg.system_prompt,
+        "search_on": cfg.search_on,
         "max_kl": cfg.max_kl,
         "refusals_before": f"{before.refusals}/{before.n_harmful}",
         "refusals": f"{after.refusals}/{after.n_harmful}",

@@ -3,6 +3,7 @@
 import copy
 import json
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from abliterate import AbliterateError, resolve
 from abliterate.ablation import Ablation, ablating, apply_ablation_
 from abliterate.evaluation import eos_ids, generate
 from abliterate.search import (
+    OPTIONS,
     DirectionSource,
     Params,
     Profile,
@@ -171,7 +173,8 @@ def test_directions_at_other_token_positions():
 
 
 def test_options_parse():
-    assert "row" not in parse_options("-row") and "column" in parse_options("-row")
+    assert "embed" not in parse_options("-embed") and "fractional" in parse_options("-embed")
+    assert parse_options("+row") == ("fractional", "embed", "row") and parse_options("all") == tuple(OPTIONS)
     assert parse_options("none") == () and parse_options("embed,row") == ("embed", "row")
     with pytest.raises(AbliterateError, match="unknown"):
         parse_options("+bogus")
@@ -219,7 +222,9 @@ def test_search_resumes_after_a_kill_and_finishes(tmp_path, tokenizer):
     kw = dict(trials=6, study_path=study, fingerprint="tiny", max_new_tokens=4, finalists=2)
     first = run_search(model, layout, src, probe, stop_after=3, **kw)
     assert len(first.trials) == 3
-    assert first.trials[0].params == Params.classic(layout.n_layers).flat()  # plain abliteration first
+    # plain abliteration first, then the seeds at half weight
+    assert [t.params for t in first.trials] == [p.flat() for p in Params.seeds(layout.n_layers)[:3]]
+    assert first.trials[0].params == Params.classic(layout.n_layers).flat()
     again = run_search(model, layout, src, probe, **kw)
     assert len(again.trials) == 6 and [t.number for t in again.trials[:3]] == [0, 1, 2]
     assert again.chosen in again.finalists and all(t.refusals is not None for t in again.finalists)
@@ -324,12 +329,28 @@ def test_search_bad_input(capsys, tmp_path, model_dirs):
     assert_clean_error(code, err, "bogus", out)
     code, _, err = run_cli(capsys, "run", model_dirs["llama"], "-o", out, *SEARCH, "--trials", "0")
     assert_clean_error(code, err, "--trials", out)
+    code, _, err = run_cli(capsys, "run", model_dirs["llama"], "-o", out, *SEARCH, "--search-on", "train")
+    assert_clean_error(code, err, "--search-on 'train'", out)
     code, _, err = run_cli(capsys, "apply", model_dirs["llama"], "-o", out)
     assert_clean_error(code, err, "--manifest", out)
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     code, _, err = run_cli(capsys, "apply", model_dirs["llama"], "--manifest", bad, "-o", out)
     assert_clean_error(code, err, "not an abliterate manifest", out)
+
+
+def test_search_on_the_evaluation_prompts(model_dirs):
+    """--search-on eval (Heretic's way): trials are scored on the evaluation prompts themselves."""
+    from abliterate import RunConfig
+    from abliterate.pipeline import run
+
+    cfg = RunConfig(n_train=8, n_eval_harmful=5, n_eval_harmless=6, max_new_tokens=4, kl_tokens=3, search=True,
+                    trials=2, finalists=1, search_on="eval", pick="rule")
+    r = run(model_dirs["llama"], None, cfg)
+    assert (r.search.n_harmful, r.search.n_harmless) == (5, 6)
+    assert (r.after.metrics.n_harmful, r.after.metrics.n_harmless) == (5, 6)
+    held = run(model_dirs["llama"], None, replace(cfg, search_on="held-out", n_search=3))
+    assert (held.search.n_harmful, held.search.n_harmless) == (3, 3)
 
 
 def test_run_search_to_gguf_saves_every_finalist_and_apply_bakes_one(capsys, tmp_path, model_dirs):

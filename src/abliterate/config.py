@@ -43,6 +43,9 @@ class RunConfig:
                               "or +name/-name against the defaults (write --search-options=-row); names: "
                               + ", ".join(OPTIONS))
     n_search: int = opt(48, "search: held-out prompts of each set that score the trials")
+    search_on: str = opt("held-out", "search: prompts that score the trials: 'held-out' (--n-search prompts of "
+                         "--harmful/--harmless kept out of the directions) or 'eval' (the evaluation prompts "
+                         "themselves, as Heretic does: the evaluation's figures are then in-sample)")
     finalists: int = opt(3, "search: Pareto points re-checked by full generation")
     slack: int = opt(1, "search: choose the lowest KL among finalists whose refusals are within this many of the best")
     max_kl: float | None = opt(None, "search: finalists above this first-token KL are not chosen")
@@ -87,6 +90,8 @@ class RunConfig:
             raise AbliterateError(f"--slack must be at least 0, got {self.slack}")
         if self.pick not in ("auto", "rule", "ask") and not self.pick.isdigit():
             raise AbliterateError(f"--pick {self.pick!r} is not one of: auto, rule, ask, or a trial number")
+        if self.search_on not in ("held-out", "eval"):
+            raise AbliterateError(f"--search-on {self.search_on!r} is not one of: held-out, eval")
         parse_options(self.search_options)
         return self
 

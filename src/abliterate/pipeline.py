@@ -269,10 +269,12 @@ class SearchSetup:
 def search_setup(loaded: Loaded, cfg: RunConfig, timer: Timer) -> SearchSetup:
     """Steps 2-4 of a search: activations of the direction prompts, and the original on held-out ones."""
     fmt, tok = chat_format(cfg), loaded.tokenizer
-    harmful, harmful_search = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train, cfg.n_search,
-                                    cfg.seed)
-    harmless, harmless_search = split(load_prompts(cfg.harmless, column=cfg.column), cfg.n_train, cfg.n_search,
+    held_out = 0 if cfg.search_on == "eval" else cfg.n_search
+    harmful, harmful_search = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train, held_out, cfg.seed)
+    harmless, harmless_search = split(load_prompts(cfg.harmless, column=cfg.column), cfg.n_train, held_out,
                                       cfg.seed)
+    if cfg.search_on == "eval":  # Heretic's way: trials are scored on the prompts the evaluation reports
+        harmful_search, harmless_search = (list(s.prompts) for s in eval_sets(cfg))
     options = parse_options(cfg.search_options)
     positions = "all" if "position" in options else "last"
     with timer("activations"):
