@@ -267,7 +267,8 @@ class SearchSetup:
 
 
 def search_setup(loaded: Loaded, cfg: RunConfig, timer: Timer) -> SearchSetup:
-    """Steps 2-4 of a search: activations of the direction prompts, and the original on held-out ones."""
+    """Steps 2-4 of a search: activations of the direction prompts, and the original on the prompts that score
+    trials (held out of the direction prompts, or the evaluation prompts with --search-on eval)."""
     fmt, tok = chat_format(cfg), loaded.tokenizer
     held_out = 0 if cfg.search_on == "eval" else cfg.n_search
     harmful, harmful_search = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train, held_out, cfg.seed)

@@ -1,7 +1,8 @@
 """Search the edit: which direction, how strongly each layer's writers are edited, and how.
 
 A trial is a set of parameters (`Params`) resolved into an `Ablation` and run by hooks
-(no weight copies). It is scored cheaply on held-out prompts (`Probe`):
+(no weight copies). It is scored cheaply on held-out prompts, or on the evaluation prompts
+as Heretic does (`Probe`):
 
 - refusals: counted by the marker detector in short greedy answers (12 tokens) to harmful
   prompts, plus the mean probability of the model's own refusal openings at the first
@@ -106,26 +107,21 @@ class Params:
     position: int = -1  # token the directions are taken at, counted from the end of the prompt
 
     @classmethod
-    def classic(cls, n_layers: int, options: tuple[str, ...] = DEFAULT_OPTIONS) -> "Params":
-        full = Profile(1.0, (n_layers - 1) / 2, 1.0, float(n_layers))
+    def classic(cls, n_layers: int, options: tuple[str, ...] = DEFAULT_OPTIONS, at: float = 0.6,
+                weight: float = 1.0) -> "Params":
+        """Every writer edited by `weight` along the direction of the layer at fraction `at` of depth."""
+        full = Profile(weight, (n_layers - 1) / 2, 1.0, float(n_layers))
         lo, hi = _direction_range(n_layers, "fractional" in options)
-        layer = float(min(max(round(0.6 * n_layers), lo), hi))
-        return cls(layer, False, False, 1, "none", full, copy.copy(full), 1.0 if "embed" in options else 0.0, -1)
+        layer = float(min(max(round(at * (n_layers - 1)), lo), hi))
+        embed = weight if "embed" in options else 0.0
+        return cls(layer, False, False, 1, "none", full, copy.copy(full), embed, -1)
 
     @classmethod
     def seeds(cls, n_layers: int, options: tuple[str, ...] = DEFAULT_OPTIONS) -> list["Params"]:
         """The first trials of a study: plain abliteration, then the plain edit at half weight with the direction
         at 50%, 60% and 70% of depth (on the reference model, half weight kept most of the effect at a fifth of
         the KL; these points show the sampler where the front lies)."""
-        out = [cls.classic(n_layers, options)]
-        lo, hi = _direction_range(n_layers, "fractional" in options)
-        for frac in (0.5, 0.6, 0.7):
-            p = cls.classic(n_layers, options)
-            p.direction = float(min(max(round(frac * (n_layers - 1)), lo), hi))
-            p.attn.peak = p.mlp.peak = 0.5
-            p.embed *= 0.5
-            out.append(p)
-        return out
+        return [cls.classic(n_layers, options)] + [cls.classic(n_layers, options, at, 0.5) for at in (0.5, 0.6, 0.7)]
 
     def flat(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("attn", "mlp")}
