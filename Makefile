@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # An unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install browser llama demo test test-fast bench bench-search bench-gguf clean
+.PHONY: install browser llama demo test test-fast bench bench-search bench-options bench-gguf clean
 
 $(BIN)/abliterate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ bench-search: install
 	  study=/tmp/abliterate-bench-search.study
 	$(BIN)/python benchmarks/bench_options.py /tmp/abliterate-bench-search.study --points 3 max_kl=0.0625 \
 	  search_on=eval
+
+# each search option with and without it: one 16-trial search per option set, same seeds; about 140 minutes
+bench-options: install
+	$(BIN)/python benchmarks/bench_option_searches.py --trials 16
 
 bench-gguf: install llama
 	$(BIN)/python benchmarks/bench_gguf.py

@@ -14,6 +14,7 @@ from abliterate import AbliterateError, resolve
 from abliterate.ablation import Ablation, ablating, apply_ablation_
 from abliterate.evaluation import eos_ids, generate
 from abliterate.search import (
+    DEFAULT_OPTIONS,
     OPTIONS,
     DirectionSource,
     Params,
@@ -173,9 +174,11 @@ def test_directions_at_other_token_positions():
 
 
 def test_options_parse():
-    assert "embed" not in parse_options("-embed") and "fractional" in parse_options("-embed")
-    assert parse_options("+row") == ("fractional", "embed", "row") and parse_options("all") == tuple(OPTIONS)
-    assert parse_options("none") == () and parse_options("embed,row") == ("embed", "row")
+    assert parse_options("default") == DEFAULT_OPTIONS and parse_options("all") == tuple(OPTIONS)
+    assert parse_options("+row,+embed") == tuple(o for o in OPTIONS if o in {*DEFAULT_OPTIONS, "row", "embed"})
+    assert "embed" not in parse_options("+embed,-embed") and "row" in parse_options("+embed,-embed,+row")
+    assert parse_options("none") == () and parse_options("embed,row") == ("embed", "row")  # a list, in OPTIONS order
+    assert parse_options("row,embed") == ("embed", "row")
     with pytest.raises(AbliterateError, match="unknown"):
         parse_options("+bogus")
 

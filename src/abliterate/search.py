@@ -53,9 +53,11 @@ OPTIONS = {
     "subspace": "up to 3 directions (top singular vectors of per-prompt differences)",
     "strength": "weights up to 1.5 (overshoot), not only up to 1",
 }
-# On by default: what measurably helped at the best points of the reference model's study (README, "Options");
-# the others traded KL for nothing or were never on the front there. 'all' switches every option on.
-DEFAULT_OPTIONS = ("fractional", "embed")
+# On by default: what measurably helps. In equal searches with and without each option on the reference model
+# (benchmarks/bench_option_searches.py, README "Results") none beat the noise between two searches of the same
+# space, so the default search varies the direction's layer and the two components' profiles only.
+# 'all' switches every option on.
+DEFAULT_OPTIONS: tuple[str, ...] = ()
 
 
 def parse_options(text: str) -> tuple[str, ...]:
