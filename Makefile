@@ -37,7 +37,7 @@ test: install browser llama
 	$(BIN)/python -m pytest tests
 
 test-fast: install
-	$(BIN)/python -m pytest tests -m "not slow"
+	$(BIN)/python -m pytest tests -m "not slow and not llama and not browser"
 
 bench: install
 	$(BIN)/python benchmarks/bench_pipeline.py

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import gguf
 
-from abliterate import Direction, RunConfig, reference
-from abliterate.gguf_export import write_edited_gguf, write_lora_gguf
-from abliterate.pipeline import bake, compute_candidates, load, splits
+from abliterate import Direction, RunConfig
+from abliterate.commands.steps import bake, compute_candidates, load, splits
+from abliterate.export.gguf_copy import write_edited_gguf
+from abliterate.export.llamacpp import write_lora_gguf
+from abliterate.model import packaged as reference
 
 
 def rss_mb() -> float:
@@ -46,7 +48,7 @@ def main() -> int:
         direction = Direction.load(args.direction)
     else:
         sp = splits(cfg)
-        from abliterate.pipeline import chat_format
+        from abliterate.commands.steps import chat_format
 
         cands = compute_candidates(loaded, chat_format(cfg), sp.harmful_train, sp.harmless_train, cfg)
         direction = cands.direction(args.layer)

@@ -28,9 +28,11 @@ import sys
 import time
 from pathlib import Path
 
-from abliterate import reference
-from abliterate.pipeline import Timer, load, search_setup
-from abliterate.search import DEFAULT_OPTIONS, OPTIONS, Params, parse_options, run_search
+from abliterate.commands.run import search_setup
+from abliterate.commands.steps import Timer, load
+from abliterate.model import packaged as reference
+from abliterate.search.space import DEFAULT_OPTIONS, OPTIONS, Params, parse_options
+from abliterate.search.study import run_search
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_options import switched_off  # noqa: E402
@@ -122,7 +124,8 @@ def main() -> int:
         start = time.perf_counter()
         source = Forced(setup.source, s[1:]) if s.startswith("!") else setup.source
         result = run_search(loaded.model, layout, source, setup.probe, trials=args.trials,
-                            options=searched(s), finalists=1, max_kl=cfg.max_kl, seed=args.sampler_seed,
+                            time_budget=None, options=searched(s), finalists=1, slack=cfg.slack, max_kl=cfg.max_kl,
+                            seed=args.sampler_seed,
                             max_new_tokens=cfg.max_new_tokens)
         chosen = result.chosen
         row = {"options": s, "searched": list(searched(s)), "trials": len(result.trials),

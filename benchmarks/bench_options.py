@@ -24,10 +24,18 @@ from pathlib import Path
 
 import optuna
 
-from abliterate import reference
-from abliterate.ablation import ablating
-from abliterate.pipeline import Timer, load, search_setup
-from abliterate.search import STUDY_NAME, Params, completed_trials, journal_storage, pareto, score
+from abliterate.commands.run import search_setup
+from abliterate.commands.steps import Timer, load
+from abliterate.edit.weighted import ablating
+from abliterate.model import packaged as reference
+from abliterate.search.probe import score
+from abliterate.search.space import Params
+from abliterate.search.study import (
+    STUDY_NAME,
+    completed_trials,
+    journal_storage,
+    pareto,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import ROOT, make_config  # noqa: E402

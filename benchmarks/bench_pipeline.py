@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from abliterate import RunConfig, reference, run
+from abliterate import RunConfig, run
+from abliterate.model import packaged as reference
 
 ROOT = Path(__file__).resolve().parents[1]
 

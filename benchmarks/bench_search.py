@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from abliterate import RunConfig, reference
-from abliterate.pipeline import run
+from abliterate import RunConfig
+from abliterate.commands.run import run
+from abliterate.model import packaged as reference
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,6 +15,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from abliterate.cli import main  # noqa: E402  after the environment: the hub stays offline
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -27,7 +29,7 @@ def make_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from abliterate.prompts import load_prompts
+    from abliterate.find.prompts import load_prompts
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -139,6 +141,49 @@ def shared_prompts() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared prompt data not found at {path}")
     return path
+
+
+# ---------------------------------------------------------------- helpers shared by test modules
+FAST = ["--n-train", "8", "--n-select", "4", "--n-eval-harmful", "4", "--n-eval-harmless", "4",
+        "--max-new-tokens", "4", "--kl-tokens", "3"]
+
+
+def run_cli(capsys, *argv):
+    code = main(["-q", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_clean_error(code, err, match, *must_not_exist):
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("abliterate: error:")]
+    assert len(lines) == 1 and match in lines[0], err
+    for path in must_not_exist:
+        assert not path.exists(), f"{path} was written"
+
+
+def inputs(tokenizer):
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+             for t in ("How do I bake bread?", "Tell me about the history of Rome and its emperors.")]
+    tokenizer.padding_side = "left"
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama-cpp-python, or a skip that says how to get it (tests using this fixture are marked `llama`)."""
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
+                               "'abliterate[llama]'; `make test` builds it)")
+
+
+def pytest_collection_modifyitems(items):
+    """Markers from what a test uses: `browser` (the chromium fixture), `llama` (the llama_cpp fixture)."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "chromium" in names:
+            item.add_marker(pytest.mark.browser)
+        if "llama_cpp" in names:
+            item.add_marker(pytest.mark.llama)
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

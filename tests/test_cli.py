@@ -4,25 +4,7 @@ import json
 import shutil
 
 import pytest
-
-from abliterate.cli import main
-
-FAST = ["--n-train", "8", "--n-select", "4", "--n-eval-harmful", "4", "--n-eval-harmless", "4",
-        "--max-new-tokens", "4", "--kl-tokens", "3"]
-
-
-def run_cli(capsys, *argv):
-    code = main(["-q", *map(str, argv)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_clean_error(code, err, match, *must_not_exist):
-    assert code == 2
-    lines = [line for line in err.strip().splitlines() if line.startswith("abliterate: error:")]
-    assert len(lines) == 1 and match in lines[0], err
-    for path in must_not_exist:
-        assert not path.exists(), f"{path} was written"
+from conftest import FAST, assert_clean_error, run_cli
 
 
 def test_nonexistent_model_path(capsys, tmp_path):
@@ -95,7 +77,7 @@ def test_csv_without_column(capsys, tmp_path, model_dirs):
 def test_output_equal_to_input(capsys, model_dirs):
     before = sorted(p.name for p in model_dirs["llama"].iterdir())
     code, _, err = run_cli(capsys, "run", model_dirs["llama"], "-o", model_dirs["llama"], *FAST)
-    assert_clean_error(code, err, "input model directory")
+    assert_clean_error(code, err, "is the input model itself")
     assert sorted(p.name for p in model_dirs["llama"].iterdir()) == before
 
 

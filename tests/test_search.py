@@ -7,27 +7,22 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import ARCHS, GEMMA, make_model
-from test_edit import inputs
+from conftest import ARCHS, GEMMA, inputs, make_model
 
 from abliterate import AbliterateError, resolve
-from abliterate.ablation import Ablation, ablating, apply_ablation_
-from abliterate.evaluation import eos_ids, generate
-from abliterate.search import (
+from abliterate.edit.weighted import Ablation, ablating, apply_ablation_
+from abliterate.measure.decode import eos_ids, generate, greedy
+from abliterate.model.forward import cached_logits
+from abliterate.search.probe import make_probe
+from abliterate.search.space import (
     DEFAULT_OPTIONS,
     OPTIONS,
     DirectionSource,
     Params,
     Profile,
-    TrialResult,
-    cached_greedy,
-    cached_logits,
-    choose,
-    make_probe,
-    pareto,
     parse_options,
-    run_search,
 )
+from abliterate.search.study import TrialResult, choose, pareto, run_search
 
 PLAIN = [a for a in ARCHS if a not in GEMMA and a != "qwen3_moe"]
 
@@ -124,14 +119,21 @@ def test_prefix_cache_gives_the_same_logits(arch, tokenizer):
     assert all(x[:p] == ids[0][:p] for x in ids)
     cached = cached_logits(model, ids[0][:p], [x[p:] for x in ids], 3, tokenizer.pad_token_id, 2)
     torch.testing.assert_close(cached, plain, atol=1e-4, rtol=1e-4)
-    # greedy answers through the cache are those of generate()
+    # greedy answers through the cache, with or without a shared prefix, are transformers' own greedy answers
     eos = eos_ids(model, tokenizer)
-    ref = generate(model, tokenizer, texts, max_new_tokens=5, batch_size=2, desc=None)
+    ref = []
+    for x in ids:  # one prompt at a time: no padding
+        seq = model.generate(torch.tensor([x]), attention_mask=torch.ones(1, len(x), dtype=torch.long),
+                             max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=sorted(eos))[0, len(x):].tolist()
+        ref.append(seq[:next((t + 1 for t, tok in enumerate(seq) if tok in eos), len(seq))])
     for prefix in (ids[0][:p], []):
-        answers, first = cached_greedy(model, prefix, [x[len(prefix):] for x in ids], 5, tokenizer.pad_token_id,
-                                       eos, 2)
-        assert answers == ref.ids
-        torch.testing.assert_close(first, plain[:, -1], atol=1e-4, rtol=1e-4)
+        got = greedy(model, prefix, [x[len(prefix):] for x in ids], max_new_tokens=5, pad_id=tokenizer.pad_token_id,
+                     eos=eos, batch_size=2, keep_logprobs=2)
+        assert got.ids == ref
+        torch.testing.assert_close(got.first, plain[:, -1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.logprobs[:, 0], torch.log_softmax(plain[:, -1], -1), atol=1e-4, rtol=1e-4)
+    assert generate(model, tokenizer, texts, max_new_tokens=5, batch_size=2, desc=None).ids == ref
 
 
 def test_profile_weights():
@@ -222,7 +224,8 @@ def test_probe_uses_the_shared_prefix(tokenizer):
 def test_search_resumes_after_a_kill_and_finishes(tmp_path, tokenizer):
     model, layout, src, probe = _setup(tokenizer)
     study = tmp_path / "study.journal"
-    kw = dict(trials=6, study_path=study, fingerprint="tiny", max_new_tokens=4, finalists=2)
+    kw = dict(trials=6, study_path=study, fingerprint="tiny", max_new_tokens=4, finalists=2, time_budget=None,
+              options=DEFAULT_OPTIONS, slack=1, max_kl=None, seed=0)
     first = run_search(model, layout, src, probe, stop_after=3, **kw)
     assert len(first.trials) == 3
     # plain abliteration first, then the seeds at half weight
@@ -345,7 +348,7 @@ def test_search_bad_input(capsys, tmp_path, model_dirs):
 def test_search_on_the_evaluation_prompts(model_dirs):
     """--search-on eval (Heretic's way): trials are scored on the evaluation prompts themselves."""
     from abliterate import RunConfig
-    from abliterate.pipeline import run
+    from abliterate.commands.run import run
 
     cfg = RunConfig(n_train=8, n_eval_harmful=5, n_eval_harmless=6, max_new_tokens=4, kl_tokens=3, search=True,
                     trials=2, finalists=1, search_on="eval", pick="rule")

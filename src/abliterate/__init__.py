@@ -1,23 +1,24 @@
 """abliterate: find a behaviour's direction in a language model's residual stream, remove it, prove it, save it.
 
-The package layout is the data flow:
+The package tree is the data flow:
 
-    prompts -> activations -> directions -> selection -> edit -> evaluation -> export
+    model/ -> find/ (prompts, activations, directions, selection) -> edit/ -> measure/ -> export/
 
-and `pipeline.run` strings the stages together; `cli` is a thin layer over it.
+`search/` tunes the edit, `show/` draws what was found, and `commands/` strings the stages
+together, one file per command; `cli` only mounts them.
 """
 
 __version__ = "0.1.0"
 
-from .arch import ArchSpec, resolve
+from .commands.run import run
 from .config import RunConfig
-from .directions import Candidates, Direction
-from .edit import ablated, added, orthogonalize_
+from .edit.project import ablated, added, orthogonalize_
 from .errors import AbliterateError
-from .evaluation import evaluate
-from .models import load_model
-from .pipeline import run
-from .prompts import ChatFormat, load_prompts
+from .find.directions import Candidates, Direction
+from .find.prompts import ChatFormat, load_prompts
+from .measure.evaluation import evaluate
+from .model.arch import ArchSpec, resolve
+from .model.load import load_model
 
 __all__ = [
     "AbliterateError", "ArchSpec", "Candidates", "ChatFormat", "Direction", "RunConfig", "ablated", "added",

@@ -1,14 +1,28 @@
-"""Every default of a run, in one place. The CLI builds its options and `--help` from these fields."""
+"""Every option of every command, with its default and its help text, in one place.
+
+`RunConfig` holds what the pipeline's stages use (prompts, selection, search, evaluation,
+the machine, the output format); the CLI takes a subset of its fields per command. Each
+command family has its own dataclass below for the options only it has (its inputs and
+output paths). `commands/options.py` builds every argparse option and its `--help` from
+these fields, so a default is written once, here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from .search import OPTIONS, parse_options
+from .errors import AbliterateError
+from .search.space import OPTIONS, parse_options
 
 
-def opt(default, help: str, **cli):
-    return field(default=default, metadata={"help": help, **cli})
+def opt(default, help: str, *, flags: tuple[str, ...] = (), positional: bool = False, required: bool = False,
+        many: bool = False):
+    """A field with its help text. flags: the option strings (default --field-name); many: repeatable."""
+    return field(default=default, metadata={"help": help, "flags": flags, "positional": positional,
+                                            "required": required, "many": many})
+
+
+MODEL_HELP = "hub id, model directory or .gguf file"
 
 
 @dataclass
@@ -74,8 +88,6 @@ class RunConfig:
 
     def check(self) -> "RunConfig":
         """Raise on values no run can use, before any model is loaded."""
-        from .errors import AbliterateError
-
         if self.positions not in ("last", "all"):
             raise AbliterateError(f"--positions {self.positions!r} is not one of: last, all")
         for name in ("n_train", "n_select", "max_new_tokens", "kl_tokens", "batch_size", "trials", "n_search",
@@ -98,3 +110,155 @@ class RunConfig:
     @classmethod
     def field_help(cls) -> dict[str, str]:
         return {f.name: f.metadata["help"] for f in fields(cls)}
+
+
+# ---------------------------------------------------------------- the options of each command family
+
+@dataclass
+class RunOptions:  # run, demo
+    model: str = opt(None, MODEL_HELP, positional=True)
+    output: str | None = opt(None, "output directory, or NAME.gguf (omit to evaluate without saving)",
+                             flags=("-o", "--output"))
+    report: str | None = opt(None, "also write report.html here (it is always saved inside -o)")
+
+
+@dataclass
+class DemoOptions:
+    output: str | None = opt(None, "output directory (default: in the cache)", flags=("-o", "--output"))
+    report: str | None = opt(None, "also write report.html here (it is always saved inside -o)")
+
+
+@dataclass
+class DirectionsOptions:
+    model: str = opt(None, MODEL_HELP, positional=True)
+    output: str = opt(None, "direction file (.safetensors)", flags=("-o", "--output"), required=True)
+
+
+@dataclass
+class ConceptOptions:
+    model: str = opt(None, MODEL_HELP, positional=True)
+    positive: str = opt(None, "prompts showing the concept (same forms as --harmful)", required=True)
+    negative: str = opt(None, "prompts without it", required=True)
+    layer: int | None = opt(None, "layer of the direction (default: 40%% of depth)")
+    output: str = opt(None, "direction file (.safetensors)", flags=("-o", "--output"), required=True)
+
+
+@dataclass
+class ApplyOptions:
+    model: str = opt(None, MODEL_HELP, positional=True)
+    direction: str | None = opt(None, "direction file from `abliterate directions` or a run")
+    manifest: str | None = opt(None, "manifest.json (or NAME.manifest.json) of a run: its exact edit, searched "
+                               "or not, from the files saved beside it")
+    trial: int | None = opt(None, "with --manifest of a searched run: another finalist's edit (its trial number, "
+                            "as in the run's front table) instead of the chosen one")
+    output: str = opt(None, "model directory, NAME.gguf (a GGUF input is copied with only the edited tensors "
+                      "replaced; a Hugging Face model is written whole, --gguf-type), or with --adapter an adapter "
+                      "directory", flags=("-o", "--output"), required=True)
+    adapter: bool = opt(False, "write the edit as a LoRA adapter (rank 1 per writer, exact) instead of a whole "
+                        "model: a PEFT directory, or a llama.cpp LoRA when -o ends in .gguf")
+
+
+@dataclass
+class ConvertOptions:
+    model: str = opt(None, "Hugging Face model directory or hub id", positional=True)
+    output: str = opt(None, "NAME.gguf", flags=("-o", "--output"), required=True)
+
+
+@dataclass
+class EvalOptions:
+    model: str = opt(None, MODEL_HELP, positional=True)
+    direction: str | None = opt(None, "evaluate MODEL with this direction ablated by hooks, against MODEL")
+    original: str | None = opt(None, "evaluate MODEL against this original model")
+    json: str | None = opt(None, "also write the metrics to this JSON file")
+
+
+@dataclass
+class VerifyOptions:  # verify-gguf
+    model: str = opt(None, "the GGUF file to evaluate", positional=True)
+    original: str | None = opt(None, "the original GGUF, for before/after and KL")
+    control_vector: str | None = opt(None, "apply this llama.cpp control vector to MODEL")
+    control_scale: float = opt(1.0, "its scale")
+    lora: str | None = opt(None, "apply this llama.cpp LoRA adapter (.gguf) to MODEL")
+    json: str | None = opt(None, "write metrics and answers to this JSON file")
+
+
+@dataclass
+class SteerInputs:  # steer and sweep
+    model: str = opt(None, MODEL_HELP, positional=True)
+    direction: str = opt(None, "direction file (from `abliterate directions` or a run)", required=True)
+    layers: str | None = opt(None, "layers whose input gets the vector: 10, 8,9,12 or 8-12 (default: the "
+                             "direction's own layer)")
+    prompt: list[str] | None = opt(None, "a prompt (repeatable); default: --prompts", many=True)
+    prompts: str = opt("builtin:harmless:test", "prompt set")
+    n: int = opt(16, "prompts to use from --prompts", flags=("-n",))
+    marker: list[str] | None = opt(None, "measure a concept by these words instead of refusals (repeatable, "
+                                   "case-insensitive)", many=True)
+
+
+@dataclass
+class SteerOptions(SteerInputs):
+    strength: float = opt(None, "multiple of the direction's mean difference added at each layer (1: a harmless "
+                          "prompt's mean moves onto a harmful one's; negative subtracts; 0 is the identity)",
+                          required=True)
+    show: int = opt(3, "answers to print side by side")
+    output: str | None = opt(None, "bake the addition as a bias and save the model here", flags=("-o", "--output"))
+    control_vector: str | None = opt(None, "also write the addition as a llama.cpp control vector (.gguf)")
+    report: str | None = opt(None, "also write report.html here (it is always saved inside -o)")
+
+
+@dataclass
+class SweepOptions(SteerInputs):
+    strengths: str = opt("0,0.5,1,1.5,2,3", "comma-separated strengths; write --strengths=-1,0,1 when the first "
+                         "is negative")
+    plot: str | None = opt(None, "write the plot to this PNG")
+    json: str | None = opt(None, "write the table to this JSON file")
+
+
+@dataclass
+class InduceOptions:
+    model: str = opt(None, MODEL_HELP, positional=True)
+    output: str | None = opt(None, "output directory (omit to measure without saving)", flags=("-o", "--output"))
+    layers: str | None = opt(None, "layer sets to search, separated by ';', e.g. '14;13-15;11-17' (default: 3, 7 "
+                             "and 11 layers around 60%% of depth)")
+    # On Qwen2.5-Coder-0.5B a total of 6 over eleven layers refused 90% of held-out harmless prompts
+    # (search.induce.default_layer_sets); the range brackets it.
+    strengths: str = opt("3,4,5,6,7", "total strengths to search, in mean differences, divided over a set's layers")
+    # A refusal of a harmless request costs about 1.2 nats per token, word salad about 3 (measure.behaviour).
+    max_drop: float = opt(1.5, "largest coherence loss allowed, nats per token below the original's answers")
+    # Shorter than the evaluation's answers: a refusal shows in its first sentence, and the search runs
+    # each setting on every held-out prompt.
+    search_tokens: int = opt(24, "tokens per answer while searching (the evaluation uses --max-new-tokens)")
+    report: str | None = opt(None, "also write report.html here (it is always saved inside -o)")
+
+
+@dataclass
+class InspectOptions:
+    model: str = opt(None, MODEL_HELP, positional=True)
+    direction: str | None = opt(None, "mark this direction's layer instead of running selection")
+    plot: str = opt("inspect-layers.png", "PNG to write")
+    json: str | None = opt(None, "also write the table to this JSON file")
+    save_direction: str | None = opt(None, "save the chosen direction (with its candidates) to this file")
+
+
+@dataclass
+class TokensOptions:
+    model: str = opt(None, MODEL_HELP, positional=True)
+    direction: str = opt(None, "direction file (from `directions`, `inspect` or a run)", required=True)
+    prompt: str = opt(None, "the text to look at (formatted with the chat template)", required=True)
+    layer: int | None = opt(None, "layer to colour in the terminal and at the top of the HTML (default: the "
+                            "direction's own; the heatmap and HTML show every layer)")
+    html: str | None = opt(None, "write a self-contained HTML page here")
+    heatmap: str | None = opt(None, "write the token-by-layer heatmap PNG here")
+
+
+@dataclass
+class ChatOptions:
+    model: str = opt(None, "an abliterate output, or any model with --original or --direction", positional=True)
+    original: str | None = opt(None, "the original model to compare with")
+    direction: str | None = opt(None, "edit MODEL with hooks: ablate this direction (or add it, with --strength)")
+    strength: float | None = opt(None, "add the direction with this strength instead of ablating it")
+    layers: str | None = opt(None, "layers for --strength (default: the direction's own)")
+    prompt: str | None = opt(None, "one message, answer both and exit (scriptable); default: interactive")
+    # Longer than a run's evaluation answers (32 tokens): a conversation reads whole answers.
+    max_new_tokens: int = opt(256, "tokens per answer")
+    json: bool = opt(False, "with --prompt, print the two answers as JSON")

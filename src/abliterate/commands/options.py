@@ -1,0 +1,60 @@
+"""argparse options built from the dataclasses of `config.py`: the one place defaults and help live."""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from dataclasses import MISSING, fields, replace
+
+from ..config import RunConfig
+
+# Which RunConfig fields each command takes (the rest keep their defaults).
+MODEL = ("device", "dtype", "allow_pickle", "trust_remote_code", "arch_spec", "batch_size")
+PROMPTS = ("harmful", "harmless", "column", "n_train", "n_select", "system_prompt", "plain_prompts", "seed")
+SELECT = ("positions", "projected", "layer", "min_layer_frac", "max_layer_frac", "select_kl_max")
+EVAL = ("eval_harmful", "eval_harmless", "n_eval_harmful", "n_eval_harmless", "max_new_tokens", "kl_tokens",
+        "system_prompt", "plain_prompts", "column")
+SAVE = ("shard_size", "force", "gguf_type", "gguf_fallback_type")
+FORMAT = ("system_prompt", "plain_prompts")
+ALL = tuple(f.name for f in fields(RunConfig))
+
+
+def add_options(parser: argparse.ArgumentParser, cls, names=None) -> None:
+    """One argparse option per field of dataclass `cls` (those in `names`, if given), from its metadata."""
+    hints = typing.get_type_hints(cls)
+    wanted = None if names is None else set(names)
+    for f in fields(cls):
+        if wanted is not None and f.name not in wanted:
+            continue
+        meta, kind = f.metadata, hints[f.name]
+        default = None if f.default is MISSING else f.default
+        help_ = meta["help"]
+        if meta["positional"]:
+            parser.add_argument(f.name, help=help_).config = (cls, f.name)
+            continue
+        flags = meta["flags"] or ("--" + f.name.replace("_", "-"),)
+        kw: dict = {"dest": f.name, "help": help_}
+        if kind is bool:
+            parser.add_argument(*flags, action="store_true", **kw).config = (cls, f.name)
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        if typing.get_origin(base) is list:
+            base = typing.get_args(base)[0]
+        if meta["required"]:
+            kw["required"] = True
+        elif default is not None and "default" not in help_:
+            kw["help"] = f"{help_} (default: {default})".replace("%", "%%").replace("%%%%", "%%")
+        action = parser.add_argument(*flags, type=base, default=default, metavar=f.name.upper(),
+                                     action="append" if meta["many"] else "store", **kw)
+        action.config = (cls, f.name)  # where the option came from: tests check every option has one
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig of a command line: its given fields over the defaults, checked."""
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
+    return replace(RunConfig(), **given).check()
+
+
+def options(args: argparse.Namespace, cls):
+    """The command's own options (dataclass `cls`) from a parsed command line."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})

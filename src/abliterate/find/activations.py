@@ -1,0 +1,49 @@
+"""Residual-stream activations at every layer, at the last prompt positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model.arch import text_config
+from ..model.forward import batches, first_param, forward
+
+
+@dataclass
+class Activations:
+    """Mean residual stream entering each block, at the last `n_positions` tokens.
+
+    `mean` is (layers, positions, hidden) in float64: summing thousands of
+    float32 activations with norms in the hundreds loses digits that a
+    difference of two close means needs. `per_prompt` (N, layers, positions,
+    hidden) float32 is kept only when asked.
+    """
+
+    mean: torch.Tensor
+    count: int
+    tokens: int = 0  # real (unpadded) tokens processed
+    per_prompt: torch.Tensor | None = None
+
+
+@torch.inference_mode()
+def collect(model, tokenizer, texts: list[str], *, n_positions: int, batch_size: int,
+            keep: bool = False, desc: str | None = "activations") -> Activations:
+    n_layers = text_config(model).num_hidden_layers
+    device = first_param(model).device
+    total, tokens = None, 0
+    kept = [None] * len(texts) if keep else None
+    for batch in batches(tokenizer, texts, batch_size, device, desc):
+        out = forward(model, batch, output_hidden_states=True)
+        tokens += int(batch.attention_mask.sum())
+        # hidden_states[l] is the input of block l; the last entry (after the
+        # final norm in most models) is not a block input and is left out.
+        resid = torch.stack(out.hidden_states[:n_layers], dim=1)[:, :, -n_positions:, :]  # (B, L, P, H)
+        s = resid.double().sum(0)
+        total = s if total is None else total + s
+        if keep:
+            for row, i in enumerate(batch.index):
+                kept[i] = resid[row].float().cpu()
+    mean = (total / len(texts)).cpu()
+    assert torch.isfinite(mean).all(), "non-finite activations: check the model's dtype (try --dtype float32)"
+    return Activations(mean, len(texts), tokens, torch.stack(kept) if keep else None)

@@ -1,0 +1,122 @@
+"""Prove an edit: refusals on harmful prompts, over-refusals and KL on harmless ones.
+
+The original model is evaluated first and leaves a `Reference`: its answers,
+and its log-probabilities along its own greedy answer to each harmless prompt
+(taken from generation, so they cost no extra pass). The edited model is then
+teacher-forced along those same answers, which gives KL at the first response
+token and averaged over the first `kl_tokens` tokens of the original's answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..model.forward import first_param, forward, id_batches
+from .decode import Generated, generate
+from .kl import kl_logprobs
+from .refusal import is_refusal
+
+
+@torch.inference_mode()
+def teacher_forced_kl(model, tokenizer, texts: list[str], ref: Generated, batch_size: int) -> torch.Tensor:
+    """KL(reference || model) at each of the first k steps of the reference answers, (N, k); 0 where masked."""
+    k = ref.logprobs.shape[1]
+    device = first_param(model).device
+    prompt_ids = tokenizer(list(texts), add_special_tokens=False).input_ids
+    # Feed the first k-1 answer tokens; the logits at the last k positions predict answer tokens 0..k-1.
+    # Answers shorter than k are padded with their own EOS: those steps are masked out anyway.
+    seqs = []
+    for p, ans in zip(prompt_ids, ref.ids):
+        cont = (ans + [ans[-1] if ans else tokenizer.pad_token_id] * k)[: k - 1]
+        seqs.append(p + cont)
+    kl = torch.zeros(len(texts), k)
+    for batch in id_batches(seqs, tokenizer.pad_token_id, batch_size, device):
+        logits = forward(model, batch, logits_to_keep=k).logits.float().cpu()  # (B, k, V)
+        new = torch.log_softmax(logits, -1)
+        for row, i in enumerate(batch.index):
+            r = ref.logprobs[i, :, : new.shape[-1]]
+            kl[i] = kl_logprobs(r, new[row]) * ref.mask[i]
+    return kl
+
+
+@dataclass
+class Metrics:
+    refusals: int
+    n_harmful: int
+    over_refusals: int
+    n_harmless: int
+    kl_first: float | None = None  # mean KL at the first response token
+    kl_continuation: float | None = None  # mean KL over the first k tokens of the original's answers
+
+    @property
+    def refusal_rate(self) -> float:
+        return self.refusals / max(self.n_harmful, 1)
+
+    @property
+    def over_refusal_rate(self) -> float:
+        return self.over_refusals / max(self.n_harmless, 1)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "refusal_rate": self.refusal_rate, "over_refusal_rate": self.over_refusal_rate}
+
+
+@dataclass
+class Evaluation:
+    metrics: Metrics
+    harmful: Generated
+    harmless: Generated
+    harmful_prompts: list[str] = field(default_factory=list)
+    harmless_prompts: list[str] = field(default_factory=list)
+
+    def samples(self, n: int = 3) -> list[dict]:
+        return [{"prompt": p, "response": r} for p, r in zip(self.harmful_prompts[:n], self.harmful.text[:n])]
+
+
+def evaluate(model, tokenizer, harmful: list[str], harmless: list[str], *, harmful_prompts: list[str] = (),
+             harmless_prompts: list[str] = (), reference: Evaluation | None = None, max_new_tokens: int,
+             kl_tokens: int, batch_size: int) -> Evaluation:
+    """Evaluate on formatted prompts. Without `reference` this is the original: its answers become the reference."""
+    gen_harmful = generate(model, tokenizer, harmful, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           desc="harmful answers")
+    gen_harmless = generate(model, tokenizer, harmless, max_new_tokens=kl_tokens, batch_size=batch_size,
+                            keep_logprobs=kl_tokens if reference is None else 0, desc="harmless answers")
+    metrics = Metrics(
+        refusals=sum(map(is_refusal, gen_harmful.text)), n_harmful=len(harmful),
+        over_refusals=sum(map(is_refusal, gen_harmless.text)), n_harmless=len(harmless),
+    )
+    if reference is not None:
+        ref = reference.harmless
+        kl = teacher_forced_kl(model, tokenizer, harmless, ref, batch_size)
+        metrics.kl_first = kl[:, 0].mean().item()
+        metrics.kl_continuation = (kl.sum() / ref.mask.sum()).item()
+    return Evaluation(metrics, gen_harmful, gen_harmless, list(harmful_prompts), list(harmless_prompts))
+
+
+@torch.inference_mode()
+def answer_logprob(model, tokenizer, texts: list[str], answers: list[list[int]], batch_size: int) -> torch.Tensor:
+    """Mean log-probability per token that `model` gives each answer after its prompt, (N,).
+
+    Scored by the original model, this measures coherence of someone else's text:
+    fluent answers (a refusal included) score near the model's own answers,
+    word salad far below. The first token is left out (when there are others): it
+    is the decision that steering changes on purpose ("I'm sorry" instead of "Sure"),
+    and its surprise says nothing about whether the text that follows is fluent.
+    """
+    device = first_param(model).device
+    prompt_ids = tokenizer(list(texts), add_special_tokens=False).input_ids
+    seqs = [p + a for p, a in zip(prompt_ids, answers)]
+    out = torch.full((len(texts),), float("nan"))
+    for batch in id_batches(seqs, tokenizer.pad_token_id, batch_size, device):
+        longest = max(len(answers[i]) for i in batch.index)
+        logits = forward(model, batch, logits_to_keep=longest + 1).logits.float()
+        logp = torch.log_softmax(logits, -1).cpu()  # (B, longest + 1, V)
+        for row, i in enumerate(batch.index):
+            n = len(answers[i])
+            if n == 0:
+                continue
+            # positions -(n+1) .. -2 predict the n answer tokens
+            steps = logp[row, -(n + 1):-1].gather(-1, torch.tensor(answers[i]).unsqueeze(-1))
+            out[i] = (steps[1:] if n > 1 else steps).mean()
+    return out

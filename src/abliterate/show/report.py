@@ -1,0 +1,66 @@
+"""`report.html` for a run, an induction or a steering: the views of one result, on one self-contained page."""
+
+from __future__ import annotations
+
+from ..find.selection import Selection
+from ..measure.evaluation import Evaluation
+from ..measure.refusal import is_refusal
+from .html import report_html
+from .plots import plot_selection
+
+N_PAIRS = 6  # answers shown side by side, per prompt set
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def run_report(model: str, direction, before: Evaluation, after: Evaluation, selection: Selection | None,
+               timings: dict[str, float], n_pairs: int = N_PAIRS) -> str:
+    b, a = before.metrics, after.metrics
+    metrics = (["", "original", "abliterated"], [
+        ["refusals (harmful prompts)", f"{b.refusals}/{b.n_harmful}", f"{a.refusals}/{a.n_harmful}"],
+        ["over-refusals (harmless prompts)", f"{b.over_refusals}/{b.n_harmless}", f"{a.over_refusals}/{a.n_harmless}"],
+        ["KL, first answer token", "0", _fmt(a.kl_first)],
+        ["KL, mean over the original's first answer tokens", "0", _fmt(a.kl_continuation)],
+    ])
+    info = {"model": model, "direction layer": direction.layer, "position": direction.position,
+            "projected": direction.projected, "mean difference norm": f"{direction.scale:.3f}",
+            "wall time": ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())}
+    images, tables = [], []
+    if selection is not None:
+        images.append(("Selection scores", plot_selection(selection.scores, direction.layer)))
+        tables.append(("Selection table", ["layer", "position", "bypass", "induce", "kl", "chosen"],
+                       [[s.layer, s.position, s.bypass, s.induce, s.kl, "yes" if s.chosen else ""]
+                        for s in selection.scores]))
+    pairs, flags = [], []
+    for ev_b, ev_a, prompts in ((before.harmful, after.harmful, before.harmful_prompts),
+                                (before.harmless, after.harmless, before.harmless_prompts)):
+        for p, x, y in list(zip(prompts, ev_b.text, ev_a.text))[:n_pairs]:
+            pairs.append((p, x, y))
+            flags.append((is_refusal(x), is_refusal(y)))
+    return report_html(f"abliterate run: {model}", info=info, metrics=metrics, images=images, tables=tables,
+                       pairs=pairs, flags=flags, labels=("original", "abliterated"))
+
+
+def steer_report(title: str, model: str, info: dict, original, steered, prompts: list[str], *,
+                 trials=None, sweep_png: bytes | None = None, behaviour: str = "refusal",
+                 n_pairs: int = 2 * N_PAIRS) -> str:
+    """For `induce` and `steer`: behaviour rate and coherence before and after, the search, answers side by side."""
+    metrics = (["", "original", "steered"], [
+        [f"{behaviour} rate", f"{original.rate:.2f}", f"{steered.rate:.2f}"],
+        ["coherence (mean log-prob per token, original model)", f"{original.coherence:.3f}",
+         f"{steered.coherence:.3f}"],
+        ["degenerate answers", f"{original.degenerate:.2f}", f"{steered.degenerate:.2f}"],
+    ])
+    tables = []
+    if trials:
+        tables.append(("Search over layers and strengths", ["layers", "strength", behaviour, "coherence",
+                                                            "degenerate"],
+                       [[",".join(map(str, t.layers)), t.strength, t.rate, t.coherence, t.degenerate]
+                        for t in trials]))
+    images = [("Strength sweep", sweep_png)] if sweep_png else []
+    pairs = list(zip(prompts, original.answers, steered.answers))[:n_pairs]
+    flags = list(zip(original.flags, steered.flags))[:n_pairs]
+    return report_html(title, info={"model": model, **info}, metrics=metrics, images=images, tables=tables,
+                       pairs=pairs, flags=flags, labels=("original", "steered"))

@@ -1,0 +1,130 @@
+"""Text for the terminal: metrics before and after, selection scores, the search front, layer statistics,
+token colours, what a GGUF output holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.text import Text
+
+from ..measure.inspection import LayerStats, TokenView
+from ..search.study import TrialResult
+from .html import _shown, color
+
+
+def describe(p: dict) -> str:
+    """One line for a trial's parameters (Params.flat())."""
+    pos = p.get("position", -1)
+    return (f"dir {'per-layer' if p['per_layer'] else format(p['direction'], '.2f')}"
+            f"{f' pos {pos}' if pos != -1 else ''}{' proj' if p['projected'] else ''} k={p['k']} norm={p['norm']} "
+            f"attn {p['attn_peak']:.2f}@{p['attn_center']:.1f}±{p['attn_width']:.1f} "
+            f"mlp {p['mlp_peak']:.2f}@{p['mlp_center']:.1f}±{p['mlp_width']:.1f} emb {p['embed']:.2f}")
+
+
+def front_table(front: list[TrialResult]) -> str:
+    """The Pareto front as text: refusals in the trials' short answers (plus the refusal-opening probability, a
+    tie-break), refusals counted in full answers (finalists), first-token KL and KL over the first tokens."""
+    lines = [f"{'trial':>5} {'refusals~':>10} {'counted':>8} {'kl':>8} {'kl@4':>8}  edit"]
+    for t in front:
+        counted = str(t.refusals) if t.refusals is not None else "-"
+        mark = "  <- chosen" if t.chosen else ""
+        lines.append(f"{t.number:5d} {t.refusals_est:10.2f} {counted:>8} {t.kl:8.4f} {t.kl_steps:8.4f}  "
+                     f"{describe(t.params)}{mark}")
+    return "\n".join(lines)
+
+
+def ask_terminal(front: list[TrialResult], default: TrialResult) -> int:
+    """Show the front and read the trial to keep from the terminal (Enter keeps the rule's choice)."""
+    print(front_table(front), flush=True)
+    numbers = {t.number for t in front}
+    while True:
+        answer = input(f"keep which trial? (Enter: {default.number}, the rule's choice) ").strip()
+        if not answer:
+            return default.number
+        if answer.isdigit() and int(answer) in numbers:
+            return int(answer)
+        print(f"{answer!r} is not a trial of the front: one of {', '.join(map(str, sorted(numbers)))}", flush=True)
+
+
+def layer_table(stats: list[LayerStats]) -> str:
+    """The per-layer table as fixed-width text."""
+    head = (f"{'layer':>5} {'|harm|':>8} {'|harmless|':>10} {'|diff|':>8} {'rel gap':>8} {'cos prev':>8} "
+            f"{'d':>6} {'AUC':>6} {'along':>8} {'bypass':>7} {'kl':>7}")
+    lines = [head]
+    for s in stats:
+        cos = f"{s.cos_prev:8.3f}" if s.cos_prev is not None else f"{'-':>8}"
+        byp = f"{s.bypass:7.2f}" if s.bypass is not None else f"{'-':>7}"
+        kl = f"{s.kl:7.3f}" if s.kl is not None else f"{'-':>7}"
+        mark = "  <- chosen" if s.chosen else ""
+        lines.append(f"{s.layer:5d} {s.harmful_norm:8.1f} {s.harmless_norm:10.1f} {s.diff_norm:8.2f} "
+                     f"{s.relative_gap:8.3f} {cos} {s.cohen_d:6.2f} {s.auc:6.3f} {s.along_chosen:8.2f} "
+                     f"{byp} {kl}{mark}")
+    return "\n".join(lines)
+
+
+def render_terminal(view: TokenView, console=None) -> None:
+    """The prompt's tokens coloured by their projection at `view.layer`, printed with rich."""
+
+    console = console or Console()
+    values = view.scaled()[:, view.layer].tolist()
+    text = Text()
+    for token, v in zip(view.tokens, values):
+        r, g, b = color(v)
+        text.append(_shown(token), style=f"black on rgb({r},{g},{b})")
+    console.print(f"layer {view.layer}: cosine with the direction, red = along it, blue = against it, "
+                  f"saturated at {view.scale:.3f}")
+    console.print(text)
+
+
+def metrics_table(before, after) -> str:
+    rows = [("refusals (harmful)", f"{before.refusals}/{before.n_harmful}", f"{after.refusals}/{after.n_harmful}"),
+            ("over-refusals (harmless)", f"{before.over_refusals}/{before.n_harmless}",
+             f"{after.over_refusals}/{after.n_harmless}"),
+            ("KL first token", "0", f"{after.kl_first:.4f}" if after.kl_first is not None else "-"),
+            ("KL continuation", "0", f"{after.kl_continuation:.4f}" if after.kl_continuation is not None else "-")]
+    lines = [f"{'':28}{'original':>12}{'edited':>12}"]
+    lines += [f"{a:28}{b:>12}{c:>12}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def samples_text(before, after, n: int = 3) -> str:
+    out = []
+    for prompt, a, b in list(zip(before.harmful_prompts, before.harmful.text, after.harmful.text))[:n]:
+        out.append(f"\n> {prompt}\n  original: {a[:300]!r}\n  edited:   {b[:300]!r}")
+    return "\n".join(out)
+
+
+def selection_table(sel) -> str:
+    lines = [f"original refusal score: harmful {sel.baseline_harmful:.2f}, harmless {sel.baseline_harmless:.2f}; "
+             f"induce must exceed {sel.induce_min:.2f}",
+             f"{'layer':>5} {'pos':>4} {'bypass':>8} {'induce':>8} {'kl':>8}"]
+    for s in sel.scores:
+        induce = f"{s.induce:8.2f}" if s.induce is not None else f"{'-':>8}"
+        mark = "  <- chosen" if s.chosen else ""
+        lines.append(f"{s.layer:5d} {s.position:4d} {s.bypass:8.2f} {induce} {s.kl:8.4f}{mark}")
+    if sel.note:
+        lines.append(f"note: {sel.note}")
+    return "\n".join(lines)
+
+
+def search_table(s) -> str:
+    """The Pareto front of a search: refusals in the trials' short answers (plus the refusal-opening probability,
+    a tie-break), first-token KL and KL over 4 tokens, and refusals in full answers for the finalists."""
+
+    return (f"search: {len(s.trials)} trials in {s.wall_s:.0f} s; the original refused {s.baseline_refusals}/"
+            f"{s.n_harmful} search prompts\n{front_table(s.front)}\nrule: {s.rule}")
+
+
+def print_gguf(path: Path, manifest: dict) -> None:
+    g = manifest["gguf"]
+    stem = path.with_suffix("")
+    if "types" in g:  # a Hugging Face model written whole
+        kinds = sorted(set(g["types"].values()))
+        print(f"\nsaved to {path}: {g['arch']}, {len(g['types'])} tensors ({', '.join(kinds)}), with tokenizer and "
+              f"chat template")
+    else:
+        print(f"\nsaved to {path}: {len(g['edited'])} tensors edited "
+              f"({', '.join(sorted(set(g['edited'].values())))}), {g['copied']} copied byte for byte"
+              + (f", added {', '.join(g['added'])}" if g["added"] else ""))
+    print(f"Ollama: ollama create {stem.name} -f {stem}.Modelfile")
