@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from ..config import EvalOptions, RunConfig, VerifyOptions
 from ..edit.project import ablated
 from ..errors import AbliterateError
-from ..export.files import write_file
+from ..export.files import to_json, write_file
 from ..export.llamacpp import read_control_vector
 from ..find.directions import Direction
 from ..measure import llamacpp
@@ -54,7 +54,7 @@ def cmd_eval(args) -> int:
         m = after.metrics
         print(f"refusals {m.refusals}/{m.n_harmful}, over-refusals {m.over_refusals}/{m.n_harmless}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_file(args.json, to_json(report))
     return 0
 
 

@@ -26,7 +26,7 @@ import torch
 
 from ..config import DemoOptions, RunConfig, RunOptions
 from ..edit.weighted import apply_ablation_
-from ..export.files import versions
+from ..export.files import DIRECTION, GENERATIONS, METRICS, REPORT, manifest, to_json
 from ..export.hf import save_model
 from ..export.outputs import (
     check_loaded_output,
@@ -97,21 +97,19 @@ def side_by_side(before: Evaluation, after: Evaluation) -> dict:
 
 def manifest_for(loaded: Loaded, cfg: RunConfig, direction: Direction, selection: Selection | None,
                  before: Evaluation, after: Evaluation, edited: list[str], timings: dict) -> dict:
-    return {
-        "kind": "abliterate.run",
-        "model": loaded.source,
-        "direction": direction.describe(),
-        "config": asdict(cfg),
-        "edited_tensors": edited,
-        "selection": selection.table() if selection else None,
-        "selection_note": selection.note if selection else None,
-        "metrics": {"before": before.metrics.to_dict(), "after": after.metrics.to_dict()},
-        "samples": [{"prompt": a["prompt"], "before": a["response"], "after": b["response"]}
-                    for a, b in zip(before.samples(3), after.samples(3))],
-        "timings_s": timings,
-        "versions": versions(),
-        "seed": cfg.seed,
-    }
+    return manifest(
+        "run", loaded.source,
+        direction=direction.describe(),
+        config=asdict(cfg),
+        edited_tensors=edited,
+        selection=selection.table() if selection else None,
+        selection_note=selection.note if selection else None,
+        metrics={"before": before.metrics.to_dict(), "after": after.metrics.to_dict()},
+        samples=[{"prompt": a["prompt"], "before": a["response"], "after": b["response"]}
+                 for a, b in zip(before.samples(3), after.samples(3))],
+        timings_s=timings,
+        seed=cfg.seed,
+    )
 
 
 def study_path(cfg: RunConfig, out: str | Path | None) -> Path | None:
@@ -220,12 +218,12 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     elif out is not None:
         with timer("save"):
             def extra(tmp: Path) -> None:
-                direction.save(tmp / "direction.safetensors", cands)
+                direction.save(tmp / DIRECTION, cands)
                 for rel, ablation in (search_files(searched) if searched else {}).items():
                     ablation.save(tmp / rel)
-                (tmp / "metrics.json").write_text(json.dumps(manifest["metrics"], indent=2))
-                (tmp / "generations.json").write_text(json.dumps(side_by_side(before, after), indent=2))
-                (tmp / "report.html").write_text(report)
+                (tmp / METRICS).write_text(to_json(manifest["metrics"]))
+                (tmp / GENERATIONS).write_text(to_json(side_by_side(before, after)))
+                (tmp / REPORT).write_text(report)
 
             saved = save_model(loaded, out, manifest=manifest, extra=extra, shard_size=cfg.shard_size,
                                force=cfg.force)

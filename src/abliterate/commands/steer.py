@@ -8,14 +8,13 @@ induce: 1. load  2. prompts  3. activations and candidates  4. search layers and
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..config import InduceOptions, RunConfig, SteerOptions, SweepOptions
 from ..edit.steer import Steering, bake_steering, parse_layers
 from ..errors import AbliterateError
-from ..export.files import check_output, versions
+from ..export.files import check_output, manifest, to_json, write_file
 from ..export.hf import save_model
 from ..export.llamacpp import write_control_vector
 from ..export.outputs import write_steering_extras
@@ -99,17 +98,17 @@ def induce(source: str, out: str | Path | None, cfg: RunConfig | None = None,
     if out is not None:
         with timer("save"):
             model = bake_steering(loaded.model, steering, layout)
-            manifest = {
-                "kind": "abliterate.induce", "model": source, "direction": steering.direction.describe(),
-                "steering": {"layers": list(steering.layers), "strength": steering.strength,
-                             "units": "multiples of the layer's mean difference"},
-                "search": [asdict(b) | {"answers": b.answers[:3], "flags": b.flags[:3]} for b in search.trials],
-                "metrics": {"original": _behaviour(original), "induced": _behaviour(induced),
-                            "baseline_coherence_search": search.baseline_coherence, "max_drop": max_drop},
-                "config": asdict(cfg), "versions": versions(), "timings_s": timer.stages,
-            }
+            info = manifest(
+                "induce", source, direction=steering.direction.describe(),
+                steering={"layers": list(steering.layers), "strength": steering.strength,
+                          "units": "multiples of the layer's mean difference"},
+                search=[asdict(b) | {"answers": b.answers[:3], "flags": b.flags[:3]} for b in search.trials],
+                metrics={"original": _behaviour(original), "induced": _behaviour(induced),
+                         "baseline_coherence_search": search.baseline_coherence, "max_drop": max_drop},
+                config=asdict(cfg), options=asdict(opts), timings_s=timer.stages,
+            )
             baked = Loaded(model, tok, loaded.source, loaded.local_dir, loaded.gguf_file)
-            saved = save_model(baked, out, manifest=manifest, shard_size=cfg.shard_size, force=cfg.force,
+            saved = save_model(baked, out, manifest=info, shard_size=cfg.shard_size, force=cfg.force,
                                extra=lambda tmp: write_steering_extras(tmp, steering, layout, report))
     return InduceResult(steering, search, original, induced, saved, timer.stages, report)
 
@@ -169,12 +168,11 @@ def cmd_steer(args) -> int:
         print(f"control vector: {cv} (llama.cpp: --control-vector {cv}; same addition as the hooks at scale 1)")
     if args.output:
         model = bake_steering(loaded.model, steering, layout)
-        manifest = {"kind": "abliterate.steer", "model": args.model, "direction": direction.describe(),
-                    "steering": {"layers": list(layers), "strength": args.strength,
-                                 "units": "multiples of the direction's mean difference"},
-                    "versions": versions()}
+        info = manifest("steer", args.model, direction=direction.describe(),
+                        steering={"layers": list(layers), "strength": args.strength,
+                                  "units": "multiples of the direction's mean difference"})
         out = save_model(Loaded(model, loaded.tokenizer, loaded.source, loaded.local_dir, loaded.gguf_file),
-                         args.output, manifest=manifest, shard_size=cfg.shard_size, force=cfg.force,
+                         args.output, manifest=info, shard_size=cfg.shard_size, force=cfg.force,
                          extra=lambda tmp: write_steering_extras(tmp, steering, layout, report))
         print(f"\nbaked into {out}")
     return 0
@@ -193,7 +191,7 @@ def cmd_sweep(args) -> int:
     if args.plot:
         print(f"plot: {plot_sweep(rows, args.plot, what)}")
     if args.json:
-        Path(args.json).write_text(json.dumps([vars(r) for r in rows], indent=2))
+        write_file(args.json, to_json([vars(r) for r in rows]))
     return 0
 
 

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import AbliterateError
+from ..export.files import atomic_path
 from ..model.arch import Layout, Writer, text_config
 from ..model.forward import first_param
 
@@ -80,9 +81,8 @@ class Ablation:
                    "embed_basis": self.embed_basis.contiguous()}
         meta = {"abliterate.ablation": json.dumps({"embed": self.embed, "norm": self.norm, "params": self.params})}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     @classmethod

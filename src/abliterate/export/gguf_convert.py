@@ -27,13 +27,8 @@ from tqdm.auto import tqdm
 
 from ..errors import AbliterateError
 from ..model.arch import SPECS, resolve
-from .gguf_copy import (
-    _finish,
-    _tmp_next_to,
-    gguf_names,
-    quantize,
-    writable_types,
-)
+from .files import atomic_path
+from .gguf_copy import flush, gguf_names, quantize, writable_types
 
 # The model types this writer knows; their llama.cpp names are arch.py's ArchSpec.gguf_arch.
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3")
@@ -263,34 +258,34 @@ def write_gguf(model: torch.nn.Module, tokenizer, out: str | Path, *, qtype: str
     n_heads, n_kv = kv["attention.head_count"], kv["attention.head_count_kv"]
     fields = tokenizer_fields(tokenizer, params["model.embed_tokens.weight"].shape[0])
 
-    tmp = _tmp_next_to(out)
-    writer = gguf.GGUFWriter(tmp, arch)
-    writer.add_name(name or getattr(config, "_name_or_path", "") or "model")
-    for key, value in kv.items():
-        _add(writer, f"{arch}.{key}", value, gguf)
-    for key, value in fields.items():
-        _add(writer, key, value, gguf)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    file_type = getattr(gguf.LlamaFileType, f"MOSTLY_{wanted.name}", None) or getattr(gguf.LlamaFileType, "ALL_F32")
-    writer.add_file_type(file_type)
-    summary = {"arch": arch, "types": {}}
-    if rope_freqs is not None:
-        writer.add_tensor("rope_freqs.weight", rope_freqs)
-        summary["types"]["rope_freqs.weight"] = "F32"
-    for hf_name, value in tqdm(params.items(), desc="GGUF tensors", leave=False, unit="tensor"):
-        value = value.detach().float().cpu()
-        target = names[hf_name]
-        if arch == "llama" and ".self_attn.q_proj." in hf_name:
-            value = _rotate_pairs(value, n_heads)
-        elif arch == "llama" and ".self_attn.k_proj." in hf_name:
-            value = _rotate_pairs(value, n_kv)
-        if layout.spec.norm_offset and "norm" in hf_name and value.ndim == 1:
-            value = value + layout.spec.norm_offset  # Gemma's RMSNorm scale is 1 + w; GGUF stores it whole
-        data = value.numpy()
-        t = _tensor_type(data, wanted, gguf)
-        writer.add_tensor(target, quantize(np.ascontiguousarray(data.astype(np.float32)), t), raw_dtype=t)
-        summary["types"][target] = t.name
-    _finish(writer, tmp, out)
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_name(name or getattr(config, "_name_or_path", "") or "model")
+        for key, value in kv.items():
+            _add(writer, f"{arch}.{key}", value, gguf)
+        for key, value in fields.items():
+            _add(writer, key, value, gguf)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        file_type = getattr(gguf.LlamaFileType, f"MOSTLY_{wanted.name}", None) or getattr(gguf.LlamaFileType, "ALL_F32")
+        writer.add_file_type(file_type)
+        summary = {"arch": arch, "types": {}}
+        if rope_freqs is not None:
+            writer.add_tensor("rope_freqs.weight", rope_freqs)
+            summary["types"]["rope_freqs.weight"] = "F32"
+        for hf_name, value in tqdm(params.items(), desc="GGUF tensors", leave=False, unit="tensor"):
+            value = value.detach().float().cpu()
+            target = names[hf_name]
+            if arch == "llama" and ".self_attn.q_proj." in hf_name:
+                value = _rotate_pairs(value, n_heads)
+            elif arch == "llama" and ".self_attn.k_proj." in hf_name:
+                value = _rotate_pairs(value, n_kv)
+            if layout.spec.norm_offset and "norm" in hf_name and value.ndim == 1:
+                value = value + layout.spec.norm_offset  # Gemma's RMSNorm scale is 1 + w; GGUF stores it whole
+            data = value.numpy()
+            t = _tensor_type(data, wanted, gguf)
+            writer.add_tensor(target, quantize(np.ascontiguousarray(data.astype(np.float32)), t), raw_dtype=t)
+            summary["types"][target] = t.name
+        flush(writer)
     summary["path"] = str(out)
     return summary
 

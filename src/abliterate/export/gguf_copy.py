@@ -5,7 +5,6 @@ Written with the `gguf` package (the reference reader and writer of the format).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import gguf
@@ -18,24 +17,15 @@ from tqdm.auto import tqdm
 from ..errors import AbliterateError
 from ..model.arch import Layout
 from . import ggml
-from .files import check_output
+from .files import atomic_path, check_output
 
 
-def _tmp_next_to(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _finish(writer, tmp: Path, path: Path) -> Path:
-    """Write everything the GGUF writer holds to `tmp`, then move it onto `path` (nothing half-written)."""
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=True)
-        writer.close()
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+def flush(writer) -> None:
+    """Everything a gguf.GGUFWriter holds, written to its file: header, metadata, tensors."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=True)
+    writer.close()
 
 
 # Types the `gguf` package quantizes itself; the others go through ggml (llama-cpp-python), if present.
@@ -133,36 +123,36 @@ def write_edited_gguf(source: Path, out: str | Path, model: torch.nn.Module, lay
             qtype = fallback
         plan[name] = qtype
 
-    tmp = _tmp_next_to(out)
-    writer = gguf.GGUFWriter(tmp, arch)
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, _contents(field), field.types[0], sub_type=sub)
-    if "general.alignment" in reader.fields:
-        writer.data_alignment = int(reader.fields["general.alignment"].contents())
-    summary = {"edited": {}, "copied": 0, "added": []}
-    tied_head = "token_embd.weight" in by_gguf and "output.weight" not in tensors
-    for t in tqdm(reader.tensors, desc="GGUF tensors", leave=False, unit="tensor"):
-        if t.name in by_gguf:
-            value = params[by_gguf[t.name]].detach().float().cpu().numpy()
-            expected = tuple(int(x) for x in reversed(t.shape))
-            if value.shape != expected and value.ndim == 2 and value.T.shape == expected:
-                value = value.T  # Conv1D (GPT-2) stores (in, out); GGUF rows are outputs
-            if value.shape != expected:
-                raise AbliterateError(f"{t.name}: the edited tensor has shape {value.shape}, the file {expected}")
-            data = quantize(np.ascontiguousarray(value), plan[t.name])
-            writer.add_tensor(t.name, data, raw_dtype=plan[t.name])
-            summary["edited"][t.name] = plan[t.name].name
-        else:
-            writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-            summary["copied"] += 1
-        if tied_head and t.name == "token_embd.weight":
-            writer.add_tensor("output.weight", tensors["token_embd.weight"].data,
-                              raw_dtype=tensors["token_embd.weight"].tensor_type)
-            summary["added"].append("output.weight")
-    _finish(writer, tmp, out)
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        for field in reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name == "general.architecture":
+                continue
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, _contents(field), field.types[0], sub_type=sub)
+        if "general.alignment" in reader.fields:
+            writer.data_alignment = int(reader.fields["general.alignment"].contents())
+        summary = {"edited": {}, "copied": 0, "added": []}
+        tied_head = "token_embd.weight" in by_gguf and "output.weight" not in tensors
+        for t in tqdm(reader.tensors, desc="GGUF tensors", leave=False, unit="tensor"):
+            if t.name in by_gguf:
+                value = params[by_gguf[t.name]].detach().float().cpu().numpy()
+                expected = tuple(int(x) for x in reversed(t.shape))
+                if value.shape != expected and value.ndim == 2 and value.T.shape == expected:
+                    value = value.T  # Conv1D (GPT-2) stores (in, out); GGUF rows are outputs
+                if value.shape != expected:
+                    raise AbliterateError(f"{t.name}: the edited tensor has shape {value.shape}, the file {expected}")
+                data = quantize(np.ascontiguousarray(value), plan[t.name])
+                writer.add_tensor(t.name, data, raw_dtype=plan[t.name])
+                summary["edited"][t.name] = plan[t.name].name
+            else:
+                writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+                summary["copied"] += 1
+            if tied_head and t.name == "token_embd.weight":
+                writer.add_tensor("output.weight", tensors["token_embd.weight"].data,
+                                  raw_dtype=tensors["token_embd.weight"].tensor_type)
+                summary["added"].append("output.weight")
+        flush(writer)
     summary["path"] = str(out)
     return summary
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..model.load import Loaded
-from .files import check_output, write_dir_atomic
+from .files import MANIFEST, check_output, to_json, write_dir_atomic
 
 
 def save_model(loaded: Loaded, out: str | Path, *, manifest: dict, extra=None, shard_size: str,
@@ -20,7 +19,7 @@ def save_model(loaded: Loaded, out: str | Path, *, manifest: dict, extra=None, s
     def fill(tmp: Path) -> None:
         loaded.model.save_pretrained(tmp, max_shard_size=shard_size)
         loaded.tokenizer.save_pretrained(tmp)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        (tmp / MANIFEST).write_text(to_json(manifest))
         if extra is not None:
             extra(tmp)
 

@@ -10,7 +10,8 @@ import torch
 
 from ..errors import AbliterateError
 from ..model.arch import Layout
-from .gguf_copy import _finish, _tmp_next_to, gguf_names
+from .files import atomic_path, write_file
+from .gguf_copy import flush, gguf_names
 from .peft import lora_factors
 
 CONTROL_VECTOR_ARCH = "controlvector"
@@ -49,13 +50,14 @@ def write_control_vector(path: str | Path, vectors: dict[int, torch.Tensor], lay
     for n, v in index.items():
         if v.shape != (layout.hidden_size,) or not torch.isfinite(v).all():
             raise AbliterateError(f"control vector for block {n} must be {layout.hidden_size} finite numbers")
-    tmp = _tmp_next_to(path)
-    writer = gguf.GGUFWriter(tmp, CONTROL_VECTOR_ARCH)
-    writer.add_string(f"{CONTROL_VECTOR_ARCH}.model_hint", layout.spec.gguf_arch)
-    writer.add_uint32(f"{CONTROL_VECTOR_ARCH}.layer_count", len(index))
-    for n in sorted(index):
-        writer.add_tensor(f"direction.{n}", index[n].detach().float().cpu().numpy().astype(np.float32))
-    return _finish(writer, tmp, path)
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, CONTROL_VECTOR_ARCH)
+        writer.add_string(f"{CONTROL_VECTOR_ARCH}.model_hint", layout.spec.gguf_arch)
+        writer.add_uint32(f"{CONTROL_VECTOR_ARCH}.layer_count", len(index))
+        for n in sorted(index):
+            writer.add_tensor(f"direction.{n}", index[n].detach().float().cpu().numpy().astype(np.float32))
+        flush(writer)
+    return path
 
 
 def read_control_vector(path: str | Path) -> tuple[str, dict[int, torch.Tensor]]:
@@ -96,7 +98,7 @@ def write_modelfile(gguf_path: Path, tokenizer) -> Path:
              f"FROM ./{gguf_path.name}"]
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     path = gguf_path.with_name(f"{name}.Modelfile")
-    path.write_text("\n".join(lines) + "\n")
+    write_file(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -117,16 +119,17 @@ def write_lora_gguf(path: str | Path, layout: Layout, direction, base: str, forc
         raise AbliterateError("this architecture has no llama.cpp name (ArchSpec.gguf_arch); set it with --arch-spec")
     factors = lora_factors(layout, direction)
     names = gguf_names(layout, layout.spec.gguf_arch, [f"{name}.weight" for name in factors])
-    tmp = _tmp_next_to(path)
-    writer = gguf.GGUFWriter(tmp, layout.spec.gguf_arch)
-    writer.add_string("general.type", "adapter")
-    writer.add_string("general.name", f"abliterate {base}")
-    writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", 1.0)
-    for name, (kind, a, b) in factors.items():
-        target = names[f"{name}.weight"]
-        if kind == "embedding":
-            a, b = a.T, b  # (vocab, 1) and (hidden, 1): flipped, as llama.cpp reads token_embd LoRA
-        writer.add_tensor(f"{target}.lora_a", a.contiguous().numpy().astype(np.float32))
-        writer.add_tensor(f"{target}.lora_b", b.contiguous().numpy().astype(np.float32))
-    return _finish(writer, tmp, path)
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, layout.spec.gguf_arch)
+        writer.add_string("general.type", "adapter")
+        writer.add_string("general.name", f"abliterate {base}")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", 1.0)
+        for name, (kind, a, b) in factors.items():
+            target = names[f"{name}.weight"]
+            if kind == "embedding":
+                a, b = a.T, b  # (vocab, 1) and (hidden, 1): flipped, as llama.cpp reads token_embd LoRA
+            writer.add_tensor(f"{target}.lora_a", a.contiguous().numpy().astype(np.float32))
+            writer.add_tensor(f"{target}.lora_b", b.contiguous().numpy().astype(np.float32))
+        flush(writer)
+    return path

@@ -3,7 +3,6 @@ the output checks of a model output, and the GGUF output with its companions (NA
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,18 +14,28 @@ from ..find.directions import Candidates, Direction
 from ..model.arch import Layout
 from ..model.load import Loaded
 from ..search.study import SearchResult
-from .files import DIRECTION, check_output, read_manifest
+from .files import (
+    ABLATION,
+    CONTROL_VECTOR,
+    DIRECTION,
+    MANIFEST,
+    REPORT,
+    check_output,
+    companion,
+    finalist_file,
+    read_manifest,
+    to_json,
+    write_file,
+)
 from .gguf_convert import check_convertible, write_gguf
 from .gguf_copy import write_edited_gguf
 from .llamacpp import write_control_vector, write_modelfile
 
-ABLATION_FILE = "ablation.safetensors"
-
 
 def edit_file(r: SearchResult, number: int, prefix: str = "") -> str:
     """Where checked trial `number`'s edit is saved, relative to the manifest (prefix: 'NAME.' beside a GGUF
-    file): the chosen one in ABLATION_FILE, the other finalists under finalists/."""
-    return prefix + (ABLATION_FILE if number == r.chosen.number else f"finalists/trial-{number}.{ABLATION_FILE}")
+    file): the chosen one in ABLATION, the other finalists under finalists/."""
+    return prefix + (ABLATION if number == r.chosen.number else finalist_file(number))
 
 
 def search_files(r: SearchResult, prefix: str = "") -> dict[str, Ablation]:
@@ -82,29 +91,29 @@ def save_gguf(loaded: Loaded, layout: Layout, out: str | Path, direction: Direct
     path = Path(summary["path"])
     manifest["gguf"] = {k: v for k, v in summary.items() if k != "path"}
     stem = path.with_suffix("")
-    direction.save(stem.with_name(stem.name + ".direction.safetensors"), cands)
+    direction.save(companion(path, DIRECTION), cands)
     if searched is not None:  # a run's search: every checked trial's edit
         manifest["search"] = search_manifest(searched, prefix=stem.name + ".")
         for rel, saved in search_files(searched, prefix=stem.name + ".").items():
             saved.save(stem.parent / rel)
     elif ablation is not None:  # an apply of a searched edit
-        name = stem.name + "." + ABLATION_FILE
+        name = stem.name + "." + ABLATION
         ablation.save(stem.with_name(name))
         manifest["search"]["ablation_file"] = name
-    stem.with_name(stem.name + ".manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    write_file(companion(path, MANIFEST), to_json(manifest))
     if report is not None:
-        stem.with_name(stem.name + ".report.html").write_text(report)
+        write_file(companion(path, REPORT), report)
     write_modelfile(path, loaded.tokenizer)
     return path
 
 
 def write_steering_extras(tmp: Path, steering: Steering, layout: Layout, report: str) -> None:
     """Beside a baked steering: the direction, the report and, where llama.cpp can express it, a control vector."""
-    steering.direction.save(tmp / "direction.safetensors")
-    (tmp / "report.html").write_text(report)
+    steering.direction.save(tmp / DIRECTION)
+    (tmp / REPORT).write_text(report)
     if layout.spec.gguf_arch and min(steering.layers) >= 2:
         vectors = {layer: steering.vector() for layer in steering.layers}
-        write_control_vector(tmp / "control_vector.gguf", vectors, layout)
+        write_control_vector(tmp / CONTROL_VECTOR, vectors, layout)
 
 
 def read_edit(path: Path, trial: int | None = None) -> tuple[Direction, Ablation | None, dict | None]:

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import AbliterateError
+from ..export.files import atomic_path
 from ..model.arch import check_layer
 
 
@@ -109,9 +110,8 @@ class Direction:
         if candidates is not None:
             meta["positions"] = json.dumps(list(candidates.positions))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     @classmethod
