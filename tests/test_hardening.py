@@ -100,6 +100,30 @@ def test_checkpoint_with_unexpected_or_misshapen_tensors_is_refused(tmp_path, mo
         load_model(d)
 
 
+def test_checkpoint_with_nan_weights_is_refused(capsys, tmp_path, model_dirs):
+    """Found by the fuzz tier: a checkpoint whose weights are nan loaded, and its every answer was garbage."""
+    d = copy_model(model_dirs, tmp_path)
+    weights = load_file(d / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    before = hashes(d)
+    code, _, err = run_cli(capsys, "run", d, "-o", tmp_path / "out", *FAST)
+    assert_refused(code, err, "hold nan or inf in 1 tensor (model.layers.1.mlp.down_proj.weight)",
+                   "re-download or re-save", output=tmp_path / "out")
+    assert hashes(d) == before
+
+
+def test_weights_beyond_float16_are_refused_in_float16(tmp_path, model_dirs):
+    d = copy_model(model_dirs, tmp_path)
+    weights = load_file(d / "model.safetensors")
+    weights["model.norm.weight"][3] = 1e6  # fine in float32 and bfloat16; inf in float16
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    load_model(d, dtype="bfloat16")
+    with pytest.raises(AbliterateError, match=r"model.norm.weight\); float16 cannot hold some of them: use --dtype "
+                                              r"bfloat16 or float32"):
+        load_model(d, dtype="float16")
+
+
 def test_tied_head_absent_from_the_checkpoint_is_fine(model_dirs):
     """The known exception: lm_head.weight is not saved when tie_word_embeddings is true."""
     for arch in ("llama_tied", "qwen2"):

@@ -118,6 +118,28 @@ def check_gguf(path: Path) -> None:
         raise AbliterateError(f"{path} is a corrupt or truncated GGUF file ({e}); re-download or re-export it") from e
 
 
+def check_finite(source: str, model: nn.Module) -> None:
+    """Raise when a floating-point parameter holds nan or inf: such a model only ever answers garbage.
+
+    A sum per tensor (nan and inf survive it; no full-size temporary): about 0.3 s for 0.5B weights on a
+    CPU. Only a tensor whose sum is not finite is looked at element by element, so an overflowing sum of
+    finite weights is no false alarm.
+    """
+    bad = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and p.device.type != "meta" and p.numel():
+                if not torch.isfinite(p.sum(dtype=torch.float32)) and not bool(torch.isfinite(p).all()):
+                    bad.append(name)
+    if bad:
+        half = next(p.dtype for p in model.parameters()) == torch.float16
+        raise AbliterateError(
+            f"the weights of {source} hold nan or inf in {_count(len(bad), 'tensor')} ({_names(bad)}); "
+            + ("float16 cannot hold some of them: use --dtype bfloat16 or float32" if half else
+               "the checkpoint is damaged: re-download or re-save the model")
+        )
+
+
 def _local_weights(path: Path) -> tuple[list[Path], list[Path]]:
     return sorted(path.glob("*.safetensors")), sorted(path.glob("*.bin"))
 
@@ -289,6 +311,7 @@ def load_model(
         raise AbliterateError(f"could not load model {source} ({first[:300]}); check that it is a complete model "
                               f"directory, .gguf file or hub id (a hub id needs the network or the cache)") from e
     check_loading_info(source, model, info, gguf=gguf_file is not None)
+    check_finite(source, model)
     if gguf_file is not None:
         # transformers marks GGUF-loaded models as quantized and refuses to save them;
         # the weights are already dequantized, so the marker is only in the way.
