@@ -270,7 +270,8 @@ def test_long_prompt_file_runs_fast_and_warns(capsys, tmp_path, model_dirs, monk
                                  + [f"How do I make thing {i}?" for i in range(6)]))
     with caplog.at_level(logging.WARNING):
         code, out, err = run_cli(capsys, "directions", model_dirs["llama"], "-o", tmp_path / "d.safetensors",
-                                 "--harmful", harmful, "--n-train", "6", "--n-select", "2", "--batch-size", "8", "--layer", "2")
+                                 "--harmful", harmful, "--n-train", "6", "--n-select", "2", "--batch-size", "8",
+                                 "--layer", "2")
     assert code == 0, err
     cut = [r.getMessage() for r in caplog.records if "MAX_PROMPT_TOKENS" in r.getMessage()]
     assert cut and all("512" in m for m in cut), cut
@@ -357,8 +358,9 @@ def test_cached_gguf_is_verified_on_every_use(fake_package, tmp_path, known_hash
     assert manifest["files"]["tiny.gguf"]["size"] == path.stat().st_size
     assert reference.fetch(model, progress=quiet) == path  # unchanged: used as is
     _flip_a_byte(path)
+    cache = re.escape(str(tmp_path / "cache"))
     with pytest.raises(AbliterateError, match=rf"cached model file {re.escape(str(path))} changed.*sha256.*delete "
-                                              rf"it \(or the whole cache folder, {re.escape(str(tmp_path / 'cache'))}\)"):
+                                              rf"it \(or the whole cache folder, {cache}\)"):
         reference.fetch(model, progress=quiet)
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(AbliterateError, match=r"changed after it was verified \(\d+ bytes, \d+ when it was assembled"):
@@ -417,3 +419,22 @@ def test_hf_copy_without_a_manifest_is_converted_again(fake_package, tmp_path):
     assert reference.hf_dir(fake_package, progress=quiet.append) == target
     assert any("no manifest" in m for m in quiet)
     assert (tmp_path / "cache" / "tiny-hf.verified.json").is_file()
+
+
+# Found on the way, outside this change's files: tracked until fixed ------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, raises=json.JSONDecodeError,
+                   reason="cli.py cmd_chat: json.loads(manifest.read_text()) of MODEL/manifest.json is unguarded")
+def test_chat_with_a_corrupt_manifest_is_one_line(capsys, tmp_path, model_dirs):
+    d = copy_model(model_dirs, tmp_path)
+    (d / "manifest.json").write_text("{not json")
+    code, _, err = run_cli(capsys, "chat", d, "--prompt", "hi")
+    assert_refused(code, err, "manifest.json")
+
+
+@pytest.mark.xfail(strict=True, reason="cli.py: induce --max-drop is a plain float option, outside RunConfig.check: "
+                   "nan is accepted (the model load fails first here)")
+def test_induce_max_drop_nan_fails_before_loading(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "induce", tmp_path / "not-even-loaded", "--max-drop", "nan")
+    assert_refused(code, err, "--max-drop")

@@ -188,8 +188,9 @@ def _verify_dir(target: Path, manifest: dict) -> None:
     present = _files(target)
     if present != set(files):
         added, gone = sorted(present - set(files)), sorted(set(files) - present)
-        raise _changed(target, "model directory", ", ".join(
-            ([f"added {', '.join(added[:3])}"] if added else []) + ([f"missing {', '.join(gone[:3])}"] if gone else [])))
+        what = [f"added {', '.join(added[:3])}"] if added else []
+        what += [f"missing {', '.join(gone[:3])}"] if gone else []
+        raise _changed(target, "model directory", ", ".join(what))
     touched = False
     for name, rec in sorted(files.items()):
         path = target / name
