@@ -438,3 +438,18 @@ def test_chat_with_a_corrupt_manifest_is_one_line(capsys, tmp_path, model_dirs):
 def test_induce_max_drop_nan_fails_before_loading(capsys, tmp_path):
     code, _, err = run_cli(capsys, "induce", tmp_path / "not-even-loaded", "--max-drop", "nan")
     assert_refused(code, err, "--max-drop")
+
+
+def test_the_held_back_load_report_is_shown_when_transformers_raises_anyway(caplog):
+    """transformers' own errors after its table say "look at the above report": then the table is logged after all."""
+    from abliterate.models import _quiet_load_report
+
+    table = logging.getLogger("transformers.modeling_utils")
+    with caplog.at_level(logging.WARNING, logger="abliterate.models"):
+        with _quiet_load_report():
+            table.warning("LlamaForCausalLM LOAD REPORT from: x\nkey | MISSING")
+        assert not caplog.records
+        with pytest.raises(RuntimeError), _quiet_load_report():
+            table.warning("LlamaForCausalLM LOAD REPORT from: x\nkey | CONVERSION")
+            raise RuntimeError("For details look at the `CONVERSION` entries of the above report!")
+    assert [r.getMessage() for r in caplog.records] == ["LlamaForCausalLM LOAD REPORT from: x\nkey | CONVERSION"]

@@ -19,6 +19,8 @@ GGUF_MAGIC = b"GGUF"
 # "owner/name" or "name": anything else that does not exist on disk is a missing path.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Loaded:
@@ -163,13 +165,24 @@ def check_safetensors(path: Path) -> None:
 
 
 class _NoLoadReport(logging.Filter):
-    """Drops transformers' MISSING/UNEXPECTED table: `load_model` turns the same facts into one error."""
+    """Holds back transformers' MISSING/UNEXPECTED table: `load_model` turns the same facts into one error.
+
+    The table is kept: when transformers raises anyway (a CONVERSION error, say) and its message points
+    at "the above report", `load_model` logs it after all."""
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[str] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
-            return "LOAD REPORT" not in record.getMessage()
-        except Exception:  # a record whose arguments do not format: not ours to judge
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record whose arguments do not format: not ours to judge
             return True
+        if "LOAD REPORT" in message:
+            self.held.append(message)
+            return False
+        return True
 
 
 @contextmanager
@@ -178,7 +191,11 @@ def _quiet_load_report():
     quiet = _NoLoadReport()
     logger.addFilter(quiet)
     try:
-        yield
+        yield quiet
+    except BaseException:
+        for message in quiet.held:
+            log.warning("%s", message)
+        raise
     finally:
         logger.removeFilter(quiet)
 

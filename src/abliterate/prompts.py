@@ -21,8 +21,10 @@ BUILTIN = ("harmful", "harmless", "english", "french", "chinese")
 _FIELDS = ("instruction", "prompt", "text", "goal", "question")
 # Instructions longer than this many tokens are cut to it (with a warning). Every batch is padded to
 # its longest prompt and attention grows with the square of the length, so one 10,000-character
-# prompt made a batch of 4 take 222 s; refusal datasets (AdvBench, HarmBench, Alpaca, ours) stay under
-# 100 tokens, so 512 keeps every real instruction whole while bounding what one prompt can cost.
+# prompt made a batch of 4 take 222 s. Refusal prompts are one or two sentences (ours: at most 109
+# characters, under 50 tokens; AdvBench's likewise), so 512 keeps any such instruction whole, with
+# room for a paragraph of context, while bounding what one prompt can cost. Raise it for long-context
+# prompt sets (a HarmBench contextual behaviour carries a document).
 MAX_PROMPT_TOKENS = 512
 
 log = logging.getLogger(__name__)
