@@ -103,10 +103,10 @@ def _download(part: Part, into: Path) -> Path:
 # The HF copy's files are checked on every use: each one's size, and its sha256, except that a file
 # over WHOLE_HASH_MAX whose mtime is still the recorded one has only its first and last EDGE bytes
 # hashed (the safetensors header, and the end of the data). Hashing the 2 GB float32 weights on every
-# `demo` would cost seconds for nothing: any write changes the mtime (and a changed mtime gets the
-# whole file hashed), truncation or growth changes the size, and a re-save changes the header. What it
-# misses is an edit of the same size inside the weights whose mtime was then set back: that takes
-# intent (or disk corruption), and someone with that intent can rewrite the manifest too.
+# `demo` would cost seconds for nothing: any write (an edit in place, a re-save) changes the mtime, and
+# a changed mtime gets the whole file hashed; truncation or growth changes the size. What it misses is
+# an edit of the same size inside the weights whose mtime was then set back: that takes intent (or
+# disk corruption), and someone with that intent can rewrite the manifest too.
 WHOLE_HASH_MAX = 64 << 20
 EDGE = 1 << 20
 
