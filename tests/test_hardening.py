@@ -237,6 +237,7 @@ def test_eval_with_no_evaluation_prompts_fails_before_loading(capsys, tmp_path):
     ("--time-budget", "0", "--time-budget must be a positive number"),
     ("--min-layer-frac", "nan", "--min-layer-frac nan is not a finite number"),
     ("--max-layer-frac", "-inf", "--max-layer-frac -inf is not a finite number"),
+    ("--max-layer-frac", "1.5", "set --min-layer-frac and --max-layer-frac so that they do (defaults 0.2 and 0.8)"),
 ])
 def test_values_that_cannot_work_fail_before_loading(capsys, tmp_path, flag, value, match):
     code, _, err = run_cli(capsys, "run", tmp_path / "not-even-loaded", "-o", tmp_path / "out", "--search",

@@ -96,7 +96,9 @@ class RunConfig:
                 raise AbliterateError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.min_layer_frac < self.max_layer_frac <= 1:
             raise AbliterateError(
-                f"layer fractions must satisfy 0 <= min ({self.min_layer_frac}) < max ({self.max_layer_frac}) <= 1"
+                f"layer fractions must satisfy 0 <= min ({self.min_layer_frac}) < max ({self.max_layer_frac}) <= 1; "
+                f"set --min-layer-frac and --max-layer-frac so that they do (defaults {type(self).min_layer_frac} and "
+                f"{type(self).max_layer_frac})"
             )
         for name in ("n_eval_harmful", "n_eval_harmless"):  # None: all of them
             if getattr(self, name) is not None and getattr(self, name) < 1:
