@@ -9,9 +9,11 @@ these fields, so a default is written once, here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 from .errors import AbliterateError
+from .model.load import check_device, check_dtype
 from .search.space import OPTIONS, parse_options
 
 
@@ -88,6 +90,15 @@ class RunConfig:
 
     def check(self) -> "RunConfig":
         """Raise on values no run can use, before any model is loaded."""
+        examples = {"time_budget": "600 (seconds)", "max_kl": "0.1"}  # for options whose default is None
+        for f in fields(self):  # nan passes every comparison below (and made selection run forever)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise AbliterateError(f"--{f.name.replace('_', '-')} {value} is not a finite number; give a number "
+                                      f"such as {examples.get(f.name, f.default)}"
+                                      + (", or leave the option out" if f.default is None else ""))
+        check_device(self.device)
+        check_dtype(self.dtype)
         if self.positions not in ("last", "all"):
             raise AbliterateError(f"--positions {self.positions!r} is not one of: last, all")
         for name in ("n_train", "n_select", "max_new_tokens", "kl_tokens", "batch_size", "trials", "n_search",
@@ -96,8 +107,21 @@ class RunConfig:
                 raise AbliterateError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.min_layer_frac < self.max_layer_frac <= 1:
             raise AbliterateError(
-                f"layer fractions must satisfy 0 <= min ({self.min_layer_frac}) < max ({self.max_layer_frac}) <= 1"
+                f"layer fractions must satisfy 0 <= min ({self.min_layer_frac}) < max ({self.max_layer_frac}) <= 1; "
+                f"set --min-layer-frac and --max-layer-frac so that they do (defaults {type(self).min_layer_frac} and "
+                f"{type(self).max_layer_frac})"
             )
+        for name in ("n_eval_harmful", "n_eval_harmless"):  # None: all of them
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise AbliterateError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)} "
+                                      f"(leave it out to use every prompt of the set)")
+        for name in ("select_kl_max", "max_kl"):  # a KL is never negative
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise AbliterateError(f"--{name.replace('_', '-')} must be at least 0 (a KL divergence is never "
+                                      f"negative), got {getattr(self, name)}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise AbliterateError(f"--time-budget must be a positive number of seconds, got {self.time_budget} "
+                                  f"(leave it out for no limit)")
         if self.slack < 0:
             raise AbliterateError(f"--slack must be at least 0, got {self.slack}")
         if self.pick not in ("auto", "rule", "ask") and not self.pick.isdigit():

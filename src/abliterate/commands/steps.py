@@ -4,7 +4,6 @@ order."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import time
@@ -19,7 +18,7 @@ from ..errors import AbliterateError
 from ..export.files import write_file
 from ..find.activations import Activations, collect
 from ..find.directions import Candidates, Direction
-from ..find.prompts import ChatFormat, PromptSet, load_prompts
+from ..find.prompts import ChatFormat, PromptSet, load_prompts, prompts_sha256
 from ..find.selection import Selection, select
 from ..measure.evaluation import Evaluation, evaluate
 from ..model.arch import ArchSpec, Layout, resolve
@@ -86,8 +85,7 @@ def candidates_from(loaded: Loaded, harmful: list[str], harmless: list[str], a: 
     """Step 4: the difference-of-means candidates, with what they were made from."""
     meta = {
         "model": loaded.source,
-        "harmful_sha256": hashlib.sha256("\n".join(harmful).encode()).hexdigest(),
-        "harmless_sha256": hashlib.sha256("\n".join(harmless).encode()).hexdigest(),
+        "harmful_sha256": prompts_sha256(harmful), "harmless_sha256": prompts_sha256(harmless),
         "n_harmful": len(harmful), "n_harmless": len(harmless), "activation_tokens": a.tokens + b.tokens,
     }
     n_pos = a.mean.shape[1]

