@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import torch
 
@@ -144,6 +146,26 @@ def shared_prompts() -> Path:
 
 
 # ---------------------------------------------------------------- helpers shared by test modules
+
+def gguf_fields(reader):
+    return {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
+
+
+def assert_edited_copy(source, out, summary_edited: dict, added=()):
+    """Metadata identical; unedited tensors byte-identical; edited ones in their original types."""
+    a, b = gguf.GGUFReader(str(source)), gguf.GGUFReader(str(out))
+    assert gguf_fields(a) == gguf_fields(b)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert set(tb) == set(ta) | set(added)
+    for name, t in ta.items():
+        assert tb[name].tensor_type == t.tensor_type, name
+        assert list(tb[name].shape) == list(t.shape), name
+        same = np.array_equal(np.asarray(tb[name].data), np.asarray(t.data))
+        assert same != (name in summary_edited), name  # edited tensors differ, the rest are identical
+    for name in added:  # a tied head keeps the original embedding
+        assert np.array_equal(np.asarray(tb[name].data), np.asarray(ta["token_embd.weight"].data))
+
+
 FAST = ["--n-train", "8", "--n-select", "4", "--n-eval-harmful", "4", "--n-eval-harmless", "4",
         "--max-new-tokens", "4", "--kl-tokens", "3"]
 

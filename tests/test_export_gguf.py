@@ -4,6 +4,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, assert_clean_error, assert_edited_copy, run_cli
 
 from abliterate import AbliterateError, Direction, resolve
 from abliterate.edit.steer import Steering, steered
@@ -66,25 +67,6 @@ def test_control_vector_bad_input(model_dirs, tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"nope")
     with pytest.raises(AbliterateError, match="not a readable GGUF"):
         read_control_vector(tmp_path / "x.gguf")
-
-
-def _fields(reader):
-    return {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
-
-
-def assert_edited_copy(source, out, summary_edited: dict, added=()):
-    """Metadata identical; unedited tensors byte-identical; edited ones in their original types."""
-    a, b = gguf.GGUFReader(str(source)), gguf.GGUFReader(str(out))
-    assert _fields(a) == _fields(b)
-    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
-    assert set(tb) == set(ta) | set(added)
-    for name, t in ta.items():
-        assert tb[name].tensor_type == t.tensor_type, name
-        assert list(tb[name].shape) == list(t.shape), name
-        same = np.array_equal(np.asarray(tb[name].data), np.asarray(t.data))
-        assert same != (name in summary_edited), name  # edited tensors differ, the rest are identical
-    for name in added:  # a tied head keeps the original embedding
-        assert np.array_equal(np.asarray(tb[name].data), np.asarray(ta["token_embd.weight"].data))
 
 
 @pytest.mark.slow
@@ -222,7 +204,6 @@ def test_gguf_writer_bad_input(tiny_llama, tmp_path):
 
 
 def test_run_refuses_gguf_output_it_cannot_write_and_the_input_as_output(capsys, model_dirs, tmp_path):
-    from test_cli import FAST, assert_clean_error, run_cli
 
     code, _, err = run_cli(capsys, "run", model_dirs["phi3"], "-o", tmp_path / "x.gguf", *FAST)
     assert_clean_error(code, err, "writing phi3 as GGUF is not supported", tmp_path / "x.gguf")
@@ -238,7 +219,6 @@ def test_run_refuses_gguf_output_it_cannot_write_and_the_input_as_output(capsys,
 
 def test_lora_gguf_is_the_edit_in_llama_cpp_layout(capsys, tmp_path, model_dirs):
     """Read back as llama.cpp reads it (W + B A; token_embd rows + A[t] B^T), the adapter gives the baked weights."""
-    from test_cli import run_cli
 
     from abliterate import orthogonalize_
     from abliterate.export.gguf_copy import gguf_names

@@ -6,6 +6,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, _common, assert_clean_error, run_cli
 
 from abliterate import AbliterateError
 from abliterate.export.gguf_convert import write_gguf
@@ -30,7 +31,6 @@ def _llama_cpp():
 
 def _variant(name: str, tokenizer):
     """Llama variants the tiny set lacks: biases everywhere (what steering bakes), and scaled rope."""
-    from conftest import _common
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     extra = {"biases": dict(attention_bias=True, mlp_bias=True),
@@ -107,7 +107,6 @@ def test_written_gguf_holds_the_tokenizer_and_the_layout_facts(model_dirs, token
 
 
 def test_convert_bad_input(capsys, model_dirs, tokenizer, tmp_path):
-    from test_cli import assert_clean_error, run_cli
 
     for arch in ("phi3", "gpt2", "qwen3_moe"):
         code, _, err = run_cli(capsys, "convert", model_dirs[arch], "-o", tmp_path / "x.gguf")
@@ -129,7 +128,6 @@ def test_convert_bad_input(capsys, model_dirs, tokenizer, tmp_path):
 
 
 def test_run_writes_a_hugging_face_model_as_gguf_with_its_companions(capsys, model_dirs, tmp_path):
-    from test_cli import FAST, run_cli
 
     out = tmp_path / "tiny.gguf"
     code, stdout, err = run_cli(capsys, "run", model_dirs["qwen2"], "-o", out, "--gguf-type", "Q8_0", *FAST)

@@ -3,7 +3,7 @@
 Prompt files of every format, direction and ablation files, GGUF headers, safetensors headers (through
 `load_model`), --search-options, layer lists, architecture specs and run manifests. Every test is bounded by
 `max_examples`; the file runs in about a minute on two cores. Inputs that broke a parser outside prompts.py and
-models.py are kept as strict xfails, each with its exact input as an @example, so they fail until fixed.
+models.py were kept as strict xfails while they failed; each is fixed now and its exact input stays as an @example.
 """
 
 import json
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_model
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -137,10 +138,6 @@ tensors = st.dictionaries(st.sampled_from(TENSOR_NAMES), st.lists(st.integers(0,
                           max_size=4)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=
-                   "directions.py: Direction.load reads the metadata's keys outside its try "
-                   "(KeyError 'layer' for metadata '{}'), and keeps a non-integer layer that check_model then "
-                   "compares (TypeError)")
 @FAST
 @given(tensors=tensors, meta=metadata_json)
 @example(tensors={"direction": (4,)}, meta={})
@@ -154,9 +151,6 @@ def test_direction_files_with_wrong_metadata(scratch, tensors, meta):
         pass
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=
-                   "ablation.py: Ablation.load reads info['embed'] outside its try "
-                   "(KeyError 'embed' for metadata '{}')")
 @FAST
 @given(tensors=tensors, meta=metadata_json)
 @example(tensors={"bases": (2,), "attn": (2,), "mlp": (2,), "embed_basis": (2,)}, meta={})
@@ -200,7 +194,6 @@ def test_gguf_files_of_any_bytes(scratch, rest):
 @pytest.fixture(scope="module")
 def tiny_dir(tokenizer, tmp_path_factory):
     """A tiny Llama saved once, and its safetensors header and data, for headers to be fuzzed against."""
-    from conftest import make_model
 
     d = tmp_path_factory.mktemp("fuzz-model")
     make_model("llama", tokenizer).save_pretrained(d)
@@ -337,9 +330,6 @@ def test_layer_lists(text):
     assert all(isinstance(x, int) for x in got)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=
-                   "steer.py: parse_layers('0-99999999999999999999') raises OverflowError "
-                   "(list(range(...)) of a huge range; '0-999999999' would allocate gigabytes first)")
 def test_layer_lists_with_huge_ranges():
     try:
         parse_layers("0-99999999999999999999")
@@ -361,16 +351,10 @@ def test_arch_specs_of_any_bytes(scratch, data):
     _loads_or_refuses(ArchSpec.from_json, _write(scratch, "spec.json", data))
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=
-                   "arch.py: ArchSpec.from_json lets RecursionError out of json.loads for "
-                   "deeply nested JSON ('[' * 100000)")
 def test_arch_specs_nested_too_deep(scratch):
     _loads_or_refuses(ArchSpec.from_json, _write(scratch, "spec.json", b"[" * 100000))
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=
-                   "cli.py: _from_manifest (apply --manifest) takes any JSON: a list gives "
-                   "TypeError (list indices must be integers), 'search': 5 gives TypeError (not subscriptable)")
 @FAST
 @given(value=json_values | st.fixed_dictionaries({"kind": st.sampled_from(["abliterate.run", "abliterate.apply"]),
                                                   "search": json_values}))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_edited_copy
 
 from abliterate import Direction, RunConfig, ablated, orthogonalize_, resolve, run
 from abliterate.cli import main
@@ -284,7 +285,6 @@ def qwen_gguf_abliterated(demo, tmp_path_factory):
 
 
 def test_reference_gguf_to_gguf_keeps_types_and_bytes(qwen_gguf_abliterated):
-    from test_gguf import assert_edited_copy
 
     src, dst = qwen_gguf_abliterated
     manifest = json.loads(dst.with_name("qwen-abliterated.manifest.json").read_text())

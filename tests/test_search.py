@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import ARCHS, GEMMA, inputs, make_model
+from conftest import ARCHS, GEMMA, assert_clean_error, inputs, make_model, run_cli
 
 from abliterate import AbliterateError, resolve
 from abliterate.edit.weighted import Ablation, ablating, apply_ablation_
@@ -256,7 +256,6 @@ def _weights(path):
 
 
 def test_run_search_then_apply_manifest_is_bit_exact(capsys, tmp_path, model_dirs):
-    from test_cli import assert_clean_error, run_cli
 
     out = tmp_path / "searched"
     code, text, err = run_cli(capsys, "run", model_dirs["llama"], "-o", out, *SEARCH)
@@ -328,7 +327,6 @@ def test_run_search_then_apply_manifest_is_bit_exact(capsys, tmp_path, model_dir
 
 
 def test_search_bad_input(capsys, tmp_path, model_dirs):
-    from test_cli import assert_clean_error, run_cli
 
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "run", model_dirs["llama"], "-o", out, *SEARCH, "--search-options=-bogus")
@@ -360,7 +358,6 @@ def test_search_on_the_evaluation_prompts(model_dirs):
 
 
 def test_run_search_to_gguf_saves_every_finalist_and_apply_bakes_one(capsys, tmp_path, model_dirs):
-    from test_cli import run_cli
 
     out = tmp_path / "tiny.gguf"
     code, _, err = run_cli(capsys, "run", model_dirs["qwen2"], "-o", out, "--gguf-type", "F32", *SEARCH)

@@ -82,7 +82,7 @@ def test_inspect_marks_the_layer_directions_selects(capsys, tmp_path, model_dirs
     assert any(row["bypass"] is not None for row in table)
     # With a direction file: its layer is marked, no selection is run.
     code, out, err = run_cli(capsys, "inspect", src, "--direction", tmp_path / "d.safetensors", "--plot", plot,
-                             "--json", js, "--n-train", "8")
+                             "--json", js, "--n-train", "8", "--force")  # the same files again: --force
     assert code == 0, err
     table = json.loads(js.read_text())["layers"]
     assert [row["layer"] for row in table if row["chosen"]] == [selected]

@@ -13,15 +13,19 @@ import math
 from dataclasses import dataclass, field, fields
 
 from .errors import AbliterateError
+from .export.gguf_copy import check_gguf_types
+from .export.hf import check_size
 from .model.load import check_device, check_dtype
 from .search.space import OPTIONS, parse_options
 
 
 def opt(default, help: str, *, flags: tuple[str, ...] = (), positional: bool = False, required: bool = False,
-        many: bool = False):
-    """A field with its help text. flags: the option strings (default --field-name); many: repeatable."""
+        many: bool = False, output: str | None = None):
+    """A field with its help text. flags: the option strings (default --field-name); many: repeatable;
+    output: the option names a path the command writes, a "file" or a "model" (a directory, or NAME.gguf),
+    checked before any model loads (commands.options.check_outputs)."""
     return field(default=default, metadata={"help": help, "flags": flags, "positional": positional,
-                                            "required": required, "many": many})
+                                            "required": required, "many": many, "output": output})
 
 
 MODEL_HELP = "hub id, model directory or .gguf file"
@@ -82,7 +86,7 @@ class RunConfig:
     seed: int = opt(0, "seed for prompt sampling")
     # output
     shard_size: str = opt("2GB", "largest safetensors shard")
-    force: bool = opt(False, "replace a non-empty output directory (or an existing .gguf output)")
+    force: bool = opt(False, "replace existing outputs (a non-empty output directory, an existing file)")
     gguf_type: str = opt("F16", "GGUF output of a Hugging Face model: type of the weight matrices (F32, F16, BF16, "
                          "Q8_0, Q4_0, ...; K-quants with llama-cpp-python); norms and biases stay F32")
     gguf_fallback_type: str | None = opt(None, "GGUF output: type for edited tensors whose original type cannot be "
@@ -126,6 +130,8 @@ class RunConfig:
             raise AbliterateError(f"--slack must be at least 0, got {self.slack}")
         if self.pick not in ("auto", "rule", "ask") and not self.pick.isdigit():
             raise AbliterateError(f"--pick {self.pick!r} is not one of: auto, rule, ask, or a trial number")
+        check_size(self.shard_size)
+        check_gguf_types(self.gguf_type, self.gguf_fallback_type)
         if self.search_on not in ("held-out", "eval"):
             raise AbliterateError(f"--search-on {self.search_on!r} is not one of: held-out, eval")
         parse_options(self.search_options)
@@ -142,20 +148,21 @@ class RunConfig:
 class RunOptions:  # run, demo
     model: str = opt(None, MODEL_HELP, positional=True)
     output: str | None = opt(None, "output directory, or NAME.gguf (omit to evaluate without saving)",
-                             flags=("-o", "--output"))
-    report: str | None = opt(None, "also write report.html here (it is always saved inside -o)")
+                             flags=("-o", "--output"), output="model")
+    report: str | None = opt(None, "also write report.html here (it is always saved inside -o)", output="file")
 
 
 @dataclass
 class DemoOptions:
-    output: str | None = opt(None, "output directory (default: in the cache)", flags=("-o", "--output"))
-    report: str | None = opt(None, "also write report.html here (it is always saved inside -o)")
+    output: str | None = opt(None, "output directory (default: in the cache)", flags=("-o", "--output"),
+                             output="model")
+    report: str | None = opt(None, "also write report.html here (it is always saved inside -o)", output="file")
 
 
 @dataclass
 class DirectionsOptions:
     model: str = opt(None, MODEL_HELP, positional=True)
-    output: str = opt(None, "direction file (.safetensors)", flags=("-o", "--output"), required=True)
+    output: str = opt(None, "direction file (.safetensors)", flags=("-o", "--output"), required=True, output="file")
 
 
 @dataclass
@@ -164,7 +171,7 @@ class ConceptOptions:
     positive: str = opt(None, "prompts showing the concept (same forms as --harmful)", required=True)
     negative: str = opt(None, "prompts without it", required=True)
     layer: int | None = opt(None, "layer of the direction (default: 40%% of depth)")
-    output: str = opt(None, "direction file (.safetensors)", flags=("-o", "--output"), required=True)
+    output: str = opt(None, "direction file (.safetensors)", flags=("-o", "--output"), required=True, output="file")
 
 
 @dataclass
@@ -177,7 +184,7 @@ class ApplyOptions:
                             "as in the run's front table) instead of the chosen one")
     output: str = opt(None, "model directory, NAME.gguf (a GGUF input is copied with only the edited tensors "
                       "replaced; a Hugging Face model is written whole, --gguf-type), or with --adapter an adapter "
-                      "directory", flags=("-o", "--output"), required=True)
+                      "directory", flags=("-o", "--output"), required=True, output="model")
     adapter: bool = opt(False, "write the edit as a LoRA adapter (rank 1 per writer, exact) instead of a whole "
                         "model: a PEFT directory, or a llama.cpp LoRA when -o ends in .gguf")
 
@@ -185,7 +192,7 @@ class ApplyOptions:
 @dataclass
 class ConvertOptions:
     model: str = opt(None, "Hugging Face model directory or hub id", positional=True)
-    output: str = opt(None, "NAME.gguf", flags=("-o", "--output"), required=True)
+    output: str = opt(None, "NAME.gguf", flags=("-o", "--output"), required=True, output="model")
 
 
 @dataclass
@@ -193,7 +200,7 @@ class EvalOptions:
     model: str = opt(None, MODEL_HELP, positional=True)
     direction: str | None = opt(None, "evaluate MODEL with this direction ablated by hooks, against MODEL")
     original: str | None = opt(None, "evaluate MODEL against this original model")
-    json: str | None = opt(None, "also write the metrics to this JSON file")
+    json: str | None = opt(None, "also write the metrics to this JSON file", output="file")
 
 
 @dataclass
@@ -203,7 +210,7 @@ class VerifyOptions:  # verify-gguf
     control_vector: str | None = opt(None, "apply this llama.cpp control vector to MODEL")
     control_scale: float = opt(1.0, "its scale")
     lora: str | None = opt(None, "apply this llama.cpp LoRA adapter (.gguf) to MODEL")
-    json: str | None = opt(None, "write metrics and answers to this JSON file")
+    json: str | None = opt(None, "write metrics and answers to this JSON file", output="file")
 
 
 @dataclass
@@ -225,23 +232,26 @@ class SteerOptions(SteerInputs):
                           "prompt's mean moves onto a harmful one's; negative subtracts; 0 is the identity)",
                           required=True)
     show: int = opt(3, "answers to print side by side")
-    output: str | None = opt(None, "bake the addition as a bias and save the model here", flags=("-o", "--output"))
-    control_vector: str | None = opt(None, "also write the addition as a llama.cpp control vector (.gguf)")
-    report: str | None = opt(None, "also write report.html here (it is always saved inside -o)")
+    output: str | None = opt(None, "bake the addition as a bias and save the model here", flags=("-o", "--output"),
+                             output="model")
+    control_vector: str | None = opt(None, "also write the addition as a llama.cpp control vector (.gguf)",
+                                     output="file")
+    report: str | None = opt(None, "also write report.html here (it is always saved inside -o)", output="file")
 
 
 @dataclass
 class SweepOptions(SteerInputs):
     strengths: str = opt("0,0.5,1,1.5,2,3", "comma-separated strengths; write --strengths=-1,0,1 when the first "
                          "is negative")
-    plot: str | None = opt(None, "write the plot to this PNG")
-    json: str | None = opt(None, "write the table to this JSON file")
+    plot: str | None = opt(None, "write the plot to this PNG", output="file")
+    json: str | None = opt(None, "write the table to this JSON file", output="file")
 
 
 @dataclass
 class InduceOptions:
     model: str = opt(None, MODEL_HELP, positional=True)
-    output: str | None = opt(None, "output directory (omit to measure without saving)", flags=("-o", "--output"))
+    output: str | None = opt(None, "output directory (omit to measure without saving)", flags=("-o", "--output"),
+                             output="model")
     layers: str | None = opt(None, "layer sets to search, separated by ';', e.g. '14;13-15;11-17' (default: 3, 7 "
                              "and 11 layers around 60%% of depth)")
     # On Qwen2.5-Coder-0.5B a total of 6 over eleven layers refused 90% of held-out harmless prompts
@@ -252,16 +262,17 @@ class InduceOptions:
     # Shorter than the evaluation's answers: a refusal shows in its first sentence, and the search runs
     # each setting on every held-out prompt.
     search_tokens: int = opt(24, "tokens per answer while searching (the evaluation uses --max-new-tokens)")
-    report: str | None = opt(None, "also write report.html here (it is always saved inside -o)")
+    report: str | None = opt(None, "also write report.html here (it is always saved inside -o)", output="file")
 
 
 @dataclass
 class InspectOptions:
     model: str = opt(None, MODEL_HELP, positional=True)
     direction: str | None = opt(None, "mark this direction's layer instead of running selection")
-    plot: str = opt("inspect-layers.png", "PNG to write")
-    json: str | None = opt(None, "also write the table to this JSON file")
-    save_direction: str | None = opt(None, "save the chosen direction (with its candidates) to this file")
+    plot: str = opt("inspect-layers.png", "PNG to write", output="file")
+    json: str | None = opt(None, "also write the table to this JSON file", output="file")
+    save_direction: str | None = opt(None, "save the chosen direction (with its candidates) to this file",
+                                     output="file")
 
 
 @dataclass
@@ -271,8 +282,8 @@ class TokensOptions:
     prompt: str = opt(None, "the text to look at (formatted with the chat template)", required=True)
     layer: int | None = opt(None, "layer to colour in the terminal and at the top of the HTML (default: the "
                             "direction's own; the heatmap and HTML show every layer)")
-    html: str | None = opt(None, "write a self-contained HTML page here")
-    heatmap: str | None = opt(None, "write the token-by-layer heatmap PNG here")
+    html: str | None = opt(None, "write a self-contained HTML page here", output="file")
+    heatmap: str | None = opt(None, "write the token-by-layer heatmap PNG here", output="file")
 
 
 @dataclass

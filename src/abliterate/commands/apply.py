@@ -65,7 +65,7 @@ def command(args) -> int:
         check_output(opt.output, inputs=(Path(opt.model).expanduser(),), force=cfg.force,
                      kind="file" if is_gguf(opt.output) else "dir")
     else:
-        check_model_output(opt.output, opt.model, cfg.force)
+        check_model_output(opt.output, opt.model, cfg.force, cfg.gguf_type)
     loaded, layout = load(opt.model, cfg)
     direction.check_model(layout.hidden_size, layout.n_layers)
     if opt.adapter and is_gguf(opt.output):

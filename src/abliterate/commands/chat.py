@@ -13,6 +13,7 @@ from ..config import ChatOptions, RunConfig
 from ..edit.project import ablated
 from ..edit.steer import Steering, parse_layers, steered
 from ..errors import AbliterateError
+from ..export.files import MANIFEST, read_manifest
 from ..find.directions import Direction
 from ..show.chat import Speaker, interactive, one_shot
 from .options import FORMAT, MODEL, add_options, run_config
@@ -28,13 +29,13 @@ def cmd_chat(args) -> int:
     if args.prompt is not None and not args.prompt.strip():
         raise AbliterateError("the prompt is empty; give some text with --prompt")
     original = args.original
-    manifest = Path(args.model) / "manifest.json"
+    manifest = Path(args.model) / MANIFEST
     if args.direction is None and original is None:
         if not manifest.is_file():
             raise AbliterateError(
                 f"nothing to compare {args.model} with: give --direction FILE (hooks on this model), "
                 f"--original MODEL, or an abliterate output directory (it names its original in manifest.json)")
-        original = json.loads(manifest.read_text()).get("model")
+        original = str(read_manifest(manifest, ("run", "apply", "induce", "steer"))["model"])
     if args.direction is not None and args.original is not None:
         raise AbliterateError("give --direction (hooks on MODEL) or --original (two models), not both")
     loaded, layout = load(args.model, cfg)

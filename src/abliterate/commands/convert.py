@@ -32,7 +32,7 @@ def command(args) -> int:
     cfg = run_config(args)
     if not str(args.output).endswith(".gguf"):
         raise AbliterateError(f"output {args.output} should end in .gguf")
-    check_model_output(args.output, args.model, cfg.force)  # before the slow load
+    check_model_output(args.output, args.model, cfg.force, cfg.gguf_type)  # before the slow load
     loaded, _ = load(args.model, cfg)
     if loaded.gguf_file is not None:
         raise AbliterateError(f"{args.model} is already a GGUF file; convert takes a Hugging Face model")

@@ -17,7 +17,7 @@ def mount(sub) -> None:
     p = sub.add_parser("directions", help="compute candidate directions and select one",
                        description="Example: abliterate directions ./model -o refusal.safetensors")
     add_options(p, DirectionsOptions)
-    add_options(p, RunConfig, MODEL + PROMPTS + SELECT)
+    add_options(p, RunConfig, MODEL + PROMPTS + SELECT + ("force",))
     p.set_defaults(func=directions)
 
     p = sub.add_parser("concept", help="a direction from any two contrastive prompt sets, for steering",
@@ -25,7 +25,8 @@ def mount(sub) -> None:
                        "--negative builtin:english:train -o french.safetensors; then abliterate sweep ./model "
                        "--direction french.safetensors --prompts builtin:english:test --marker ' le ' --marker ' est '")
     add_options(p, ConceptOptions)
-    add_options(p, RunConfig, MODEL + ("column", "n_train", "system_prompt", "plain_prompts", "projected", "seed"))
+    add_options(p, RunConfig, MODEL + ("column", "n_train", "system_prompt", "plain_prompts", "projected", "seed",
+                                              "force"))
     p.set_defaults(func=concept)
 
 

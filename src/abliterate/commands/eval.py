@@ -19,6 +19,7 @@ from ..export.files import to_json, write_file
 from ..export.llamacpp import read_control_vector
 from ..find.directions import Direction
 from ..measure import llamacpp
+from ..measure.evaluation import changes
 from ..model.load import check_gguf
 from ..show.tables import metrics_table, samples_text
 from .options import EVAL, MODEL, add_options, run_config
@@ -48,11 +49,13 @@ def cmd_eval(args) -> int:
     report = {"model": args.model, "after": after.metrics.to_dict()}
     if before is not None:
         report["before"] = before.metrics.to_dict()
-        print(metrics_table(before.metrics, after.metrics))
+        change = changes(before, after)
+        report["change"] = {k: p.to_dict() for k, p in change.items()}
+        print(metrics_table(before.metrics, after.metrics, change))
         print(samples_text(before, after))
     else:
         m = after.metrics
-        print(f"refusals {m.refusals}/{m.n_harmful}, over-refusals {m.over_refusals}/{m.n_harmless}")
+        print(f"refusals {m.rates['refusals']}, over-refusals {m.rates['over_refusals']}")
     if args.json:
         write_file(args.json, to_json(report))
     return 0
@@ -82,7 +85,7 @@ def cmd_verify_gguf(args) -> int:
     if before is not None:
         print(metrics_table(before, after))
     else:
-        print(f"refusals {after.refusals}/{after.n_harmful}, over-refusals {after.over_refusals}/{after.n_harmless}")
+        print(f"refusals {after.rates['refusals']}, over-refusals {after.rates['over_refusals']}")
     if args.json:
         report = {"model": args.model, "original": args.original, "engine": "llama.cpp",
                   "after": after.to_dict(), "before": before.to_dict() if before else None, "answers": answers}
@@ -94,7 +97,7 @@ def mount(sub) -> None:
     p = sub.add_parser("eval", help="refusals, over-refusals and KL of a model, alone or against another",
                        description="Example: abliterate eval ./out --original ./model")
     add_options(p, EvalOptions)
-    add_options(p, RunConfig, MODEL + EVAL)
+    add_options(p, RunConfig, MODEL + EVAL + ("force",))
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("verify-gguf", help="refusals, over-refusals and KL of a GGUF, run in llama.cpp itself",
@@ -103,5 +106,5 @@ def mount(sub) -> None:
                        "abliterate verify-gguf model.gguf --original model.gguf --control-vector cv.gguf "
                        "--control-scale -1")
     add_options(p, VerifyOptions)
-    add_options(p, RunConfig, EVAL)
+    add_options(p, RunConfig, EVAL + ("force",))
     p.set_defaults(func=cmd_verify_gguf)

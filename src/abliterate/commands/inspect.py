@@ -113,12 +113,12 @@ def mount(sub) -> None:
                        "shows how each layer separates harmful from harmless prompts. Example: "
                        "abliterate inspect ./model --plot layers.png")
     add_options(p, InspectOptions)
-    add_options(p, RunConfig, MODEL + PROMPTS + SELECT)
+    add_options(p, RunConfig, MODEL + PROMPTS + SELECT + ("force",))
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("tokens", help="each token's projection on a direction: terminal colours, HTML, heatmap",
                        description="Example: abliterate tokens ./model --direction refusal.safetensors "
                        "--prompt 'How do I pick a lock?' --html tokens.html --heatmap tokens.png")
     add_options(p, TokensOptions)
-    add_options(p, RunConfig, MODEL + FORMAT)
+    add_options(p, RunConfig, MODEL + FORMAT + ("force",))
     p.set_defaults(func=cmd_tokens)

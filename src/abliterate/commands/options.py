@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import typing
 from dataclasses import MISSING, fields, replace
+from pathlib import Path
 
 from ..config import RunConfig
+from ..errors import AbliterateError
+from ..export.files import check_output
+from ..export.outputs import is_gguf
 
 # Which RunConfig fields each command takes (the rest keep their defaults).
 MODEL = ("device", "dtype", "allow_pickle", "trust_remote_code", "arch_spec", "batch_size")
@@ -27,6 +32,8 @@ def add_options(parser: argparse.ArgumentParser, cls, names=None) -> None:
         if wanted is not None and f.name not in wanted:
             continue
         meta, kind = f.metadata, hints[f.name]
+        if meta["output"]:  # this command writes there: check_outputs looks at it before any model loads
+            parser.set_defaults(_outputs={**(parser.get_default("_outputs") or {}), f.name: meta["output"]})
         default = None if f.default is MISSING else f.default
         help_ = meta["help"]
         if meta["positional"]:
@@ -49,10 +56,32 @@ def add_options(parser: argparse.ArgumentParser, cls, names=None) -> None:
         action.config = (cls, f.name)  # where the option came from: tests check every option has one
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every path the command will write (the config fields marked `output`), checked before any model loads by
+    the one rule of export.files.check_output: never an input of the command, never over an existing output
+    without --force, in a folder that exists (a model directory's parents are made) and can be written."""
+    outputs = getattr(args, "_outputs", None) or {}
+    given = {k: v for k, v in vars(args).items() if k in outputs and isinstance(v, str)}
+    inputs = tuple(Path(v).expanduser() for k, v in vars(args).items()
+                   if isinstance(v, str) and k not in outputs and v and Path(v).expanduser().exists())
+    force = bool(getattr(args, "force", False))
+    for name, path in given.items():
+        kind = "file" if outputs[name] == "file" or is_gguf(path) else "dir"
+        check_output(path, inputs=inputs, force=force, kind=kind)
+    if len(set(map(str, (Path(p).expanduser().resolve() for p in given.values())))) < len(given):
+        raise AbliterateError(f"two outputs name the same path ({', '.join(given.values())}); give each its own")
+
+
 def run_config(args: argparse.Namespace) -> RunConfig:
-    """The RunConfig of a command line: its given fields over the defaults, checked."""
+    """The RunConfig of a command line: its given fields over the defaults, checked (and every number given to
+    the command's own options finite: nan passes every comparison)."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise AbliterateError(f"--{name.replace('_', '-')} {value} is not a finite number; give a number")
     given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
-    return replace(RunConfig(), **given).check()
+    cfg = replace(RunConfig(), **given).check()
+    check_outputs(args)
+    return cfg
 
 
 def options(args: argparse.Namespace, cls):

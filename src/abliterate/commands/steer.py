@@ -8,6 +8,7 @@ induce: 1. load  2. prompts  3. activations and candidates  4. search layers and
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def induce(source: str, out: str | Path | None, cfg: RunConfig | None = None,
     # Twice the usual held-out prompts: with 16, several settings tie at 16/16 and the
     # one chosen refused 71/100 held-out prompts.
     harmless_train, harmless_sel = split(load_prompts(cfg.harmless, column=cfg.column), cfg.n_train,
-                                         2 * cfg.n_select, cfg.seed)
+                                         2 * cfg.n_select, cfg.seed, "--n-select (twice it)")
     with timer("activations"):
         cands = compute_candidates(loaded, fmt, harmful_train, harmless_train, cfg)
     if layer_sets is None:
@@ -120,9 +121,12 @@ def _behaviour(b: Behaviour) -> dict:
 
 def floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",")]
+        values = [float(x) for x in text.split(",")]
     except ValueError as e:
         raise AbliterateError(f"{text!r} is not a comma-separated list of numbers, e.g. -1,0,1,2") from e
+    if not all(math.isfinite(v) for v in values):
+        raise AbliterateError(f"{text!r} holds a number that is not finite; give finite numbers, e.g. -1,0,1,2")
+    return values
 
 
 def steer_inputs(args):
@@ -179,10 +183,10 @@ def cmd_steer(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-
+    strengths = floats(args.strengths)  # before the model loads
     cfg, loaded, layout, direction, layers, prompts, texts = steer_inputs(args)
     markers = tuple(args.marker) if args.marker else None
-    rows = sweep(loaded.model, loaded.tokenizer, layout, texts, direction, layers, floats(args.strengths),
+    rows = sweep(loaded.model, loaded.tokenizer, layout, texts, direction, layers, strengths,
                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, markers=markers)
     what = "refusal" if markers is None else "marker"
     print(f"{'strength':>9} {what + ' rate':>13} {'coherence':>10} {'degenerate':>11}")
@@ -228,7 +232,7 @@ def mount(sub) -> None:
                        description="Example: abliterate sweep ./model --direction refusal.safetensors "
                        "--layers 12 --strengths -1,0,1,2 --plot sweep.png")
     add_options(p, SweepOptions)
-    add_options(p, RunConfig, MODEL + FORMAT + ("max_new_tokens", "column"))
+    add_options(p, RunConfig, MODEL + FORMAT + ("max_new_tokens", "column", "force"))
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("induce", help="a model that refuses everything, coherently (refusal direction as a bias)",

@@ -21,7 +21,7 @@ from ..find.directions import Candidates, Direction
 from ..find.prompts import ChatFormat, PromptSet, load_prompts, prompts_sha256
 from ..find.selection import Selection, select
 from ..measure.evaluation import Evaluation, evaluate
-from ..model.arch import ArchSpec, Layout, resolve
+from ..model.arch import ArchSpec, Layout, check_layer, resolve
 from ..model.forward import first_param
 from ..model.load import Loaded, load_model
 
@@ -45,26 +45,32 @@ class Timer:
 
 
 def load(source: str, cfg: RunConfig) -> tuple[Loaded, Layout]:
-    """Step 1: the model and its resolved residual writers (fails fast on unknown layouts)."""
+    """Step 1: the model and its resolved residual writers (fails fast on unknown layouts, and on a --layer the
+    model does not have, before any activation is collected)."""
+    spec = ArchSpec.from_json(cfg.arch_spec) if cfg.arch_spec else None
     loaded = load_model(source, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle,
                         trust_remote_code=cfg.trust_remote_code)
-    spec = ArchSpec.from_json(cfg.arch_spec) if cfg.arch_spec else None
-    return loaded, resolve(loaded.model, spec)
+    layout = resolve(loaded.model, spec)
+    if cfg.layer is not None:
+        check_layer(cfg.layer, layout.n_layers)
+    return loaded, layout
 
 
 def chat_format(cfg: RunConfig) -> ChatFormat:
     return ChatFormat(system=cfg.system_prompt, plain=cfg.plain_prompts)
 
 
-def split(prompts: PromptSet, n_train: int, n_select: int, seed: int) -> tuple[list[str], list[str]]:
-    """Shuffle once with `seed`; the first `n_select` score candidates, the next `n_train` make directions."""
+def split(prompts: PromptSet, n_train: int, n_select: int, seed: int, held_out: str = "--n-select"
+          ) -> tuple[list[str], list[str]]:
+    """Shuffle once with `seed`; the first `n_select` are held out (they score candidates or trials), the next
+    `n_train` make directions. `held_out` names the option that set `n_select`, for the error."""
     items = list(prompts.prompts)
     random.Random(seed).shuffle(items)
     if len(items) < n_select + 2:
-        raise AbliterateError(
-            f"prompt set {prompts.name} has {len(items)} prompts; at least {n_select + 2} are needed "
-            f"(n_select={n_select} for selection, 2+ for directions). Add prompts or lower --n-select"
-        )
+        why = f"{n_select} held out ({held_out}) and 2 or more for the direction" if n_select else \
+            "2 or more for the direction"
+        raise AbliterateError(f"prompt set {prompts.name} has {len(items)} prompts; at least {n_select + 2} are "
+                              f"needed: {why}. Add prompts" + (f" or lower {held_out}" if n_select else ""))
     return items[n_select:n_select + n_train], items[:n_select]
 
 
@@ -130,11 +136,11 @@ def pick_direction(loaded: Loaded, layout: Layout, cands: Candidates, sp: Splits
     return sel.direction, sel
 
 
-def find_direction(loaded: Loaded, layout: Layout, cfg: RunConfig, timer: Timer | None = None
-                   ) -> tuple[Direction, Candidates, Selection | None]:
-    """Steps 2-5: prompts in, one chosen direction out."""
+def find_direction(loaded: Loaded, layout: Layout, cfg: RunConfig, timer: Timer | None = None,
+                   sp: Splits | None = None) -> tuple[Direction, Candidates, Selection | None]:
+    """Steps 2-5: prompts in (`sp`, or read from cfg), one chosen direction out."""
     timer = timer or Timer()
-    sp = splits(cfg)
+    sp = sp or splits(cfg)
     with timer("activations"):
         cands = compute_candidates(loaded, chat_format(cfg), sp.harmful_train, sp.harmless_train, cfg)
     with timer("selection"):

@@ -27,6 +27,8 @@ from ..model.arch import Layout, check_layer, resolve, text_config
 from ..model.forward import first_param
 from .project import added
 
+MAX_LAYER = 4096  # far above any model's depth; a typo such as 0-99999999 fails here, not in memory
+
 
 @dataclass(frozen=True)
 class Steering:
@@ -58,9 +60,16 @@ def parse_layers(text: str) -> tuple[int, ...]:
     try:
         for part in text.split(","):
             lo, _, hi = part.strip().partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+            lo, hi = int(lo), int(hi) if hi else int(lo)
+            if lo < 0 or hi > MAX_LAYER:
+                raise ValueError(f"layers are numbered 0 to at most {MAX_LAYER}")
+            if hi < lo:
+                raise ValueError(f"the range {lo}-{hi} runs backwards; write {hi}-{lo}")
+            out += range(lo, hi + 1)
     except ValueError as e:
-        raise AbliterateError(f"--layers {text!r} is not a layer list; use e.g. 10, 8,9,12 or 8-12") from e
+        raise AbliterateError(f"--layers {text!r} is not a layer list ({e}); use e.g. 10, 8,9,12 or 8-12") from e
+    if not out:
+        raise AbliterateError(f"--layers {text!r} names no layer; use e.g. 10, 8,9,12 or 8-12")
     return tuple(dict.fromkeys(out))
 
 

@@ -21,18 +21,15 @@ there the hooks used in a trial approximate the bake; norm preservation is refus
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import AbliterateError
-from ..export.files import atomic_path
+from ..export.files import load_tensors, save_tensors
 from ..model.arch import Layout, Writer, text_config
 from ..model.forward import first_param
 
@@ -76,24 +73,19 @@ class Ablation:
             plain_writers(layout)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tensors = {"bases": self.bases.contiguous(), "attn": self.attn.contiguous(), "mlp": self.mlp.contiguous(),
-                   "embed_basis": self.embed_basis.contiguous()}
-        meta = {"abliterate.ablation": json.dumps({"embed": self.embed, "norm": self.norm, "params": self.params})}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return path
+        return save_tensors(path, {"bases": self.bases, "attn": self.attn, "mlp": self.mlp,
+                                   "embed_basis": self.embed_basis},
+                            {"abliterate.ablation": {"embed": self.embed, "norm": self.norm, "params": self.params}})
 
     @classmethod
     def load(cls, path: str | Path) -> "Ablation":
+        info, t, _ = load_tensors(path, "abliterate.ablation", ("bases", "attn", "mlp", "embed_basis"), "ablation")
         try:
-            with safe_open(str(path), "pt") as f:
-                info = json.loads(f.metadata()["abliterate.ablation"])
-                t = {k: f.get_tensor(k) for k in ("bases", "attn", "mlp", "embed_basis")}
-        except Exception as e:  # missing file, not safetensors, no metadata
-            raise AbliterateError(f"{path} is not an abliterate ablation file ({e})") from e
-        return cls(**t, embed=info["embed"], norm=info["norm"], params=info["params"])
+            return cls(**{k: v.float() for k, v in t.items()}, embed=float(info["embed"]), norm=str(info["norm"]),
+                       params=dict(info["params"]))
+        except (KeyError, TypeError, ValueError, AssertionError) as e:  # wrong metadata or shapes
+            raise AbliterateError(f"{path} is not a usable abliterate ablation file ({type(e).__name__}: {e}); "
+                                  f"save it again with `abliterate run --search` or `apply --manifest`") from e
 
 
 def _matrix(writers: list[Writer]) -> Writer:

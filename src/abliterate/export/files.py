@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .. import __version__
 from ..errors import AbliterateError
@@ -61,6 +63,9 @@ def check_output(out: str | Path, *, inputs: tuple[Path, ...] = (), force: bool 
             raise AbliterateError(f"output {out} is inside the input model directory {src}; choose another path")
         if out in src.parents and (kind == "dir" or out.is_dir()):
             raise AbliterateError(f"output {out} contains the input model {src}; choose another path")
+    if kind == "file" and not out.parent.is_dir():
+        raise AbliterateError(f"cannot write {out}: the folder {out.parent} does not exist; create it first")
+    _check_writable(out)
     if kind == "dir":
         if out.exists() and not out.is_dir():
             raise AbliterateError(f"output {out} exists and is not a directory; remove it or choose another path")
@@ -72,6 +77,19 @@ def check_output(out: str | Path, *, inputs: tuple[Path, ...] = (), force: bool 
         if out.exists() and not force:
             raise AbliterateError(f"output {out} exists; pass --force to replace it")
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """Create (and remove) a temporary file where `out` will be built, so that a read-only place fails now,
+    not after the work: permission bits alone do not tell (root ignores them, a read-only mount does not)."""
+    folder = out.parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise AbliterateError(f"cannot write {out}: {folder} is not writable ({e.strerror}); choose another path") from e
 
 
 @contextmanager
@@ -119,6 +137,27 @@ def write_dir_atomic(out: Path, fill, force: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, object]) -> Path:
+    """An abliterate safetensors file (a direction, an ablation): tensors, and metadata values as JSON text."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: json.dumps(v) for k, v in meta.items()})
+    return path
+
+
+def load_tensors(path: str | Path, key: str, names: tuple[str, ...], what: str) -> tuple[object, dict, dict]:
+    """(the JSON value of metadata `key`, the tensors `names`, all metadata) of a file `save_tensors` wrote, or an
+    error naming the file as not an abliterate `what` file."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            return json.loads(meta[key]), {k: f.get_tensor(k) for k in names}, meta
+    except Exception as e:  # missing file, not safetensors, no metadata, a missing tensor: one message
+        raise AbliterateError(f"{path} is not an abliterate {what} file ({e})") from e
 
 
 # ---------------------------------------------------------------- manifests

@@ -10,8 +10,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType, quants
 from gguf import GGMLQuantizationType as T
-from gguf import quants
 from tqdm.auto import tqdm
 
 from ..errors import AbliterateError
@@ -45,6 +45,13 @@ def quantize(values: np.ndarray, qtype) -> np.ndarray:
         return quants.quantize(values, qtype)
 
     return ggml.quantize(values, qtype)
+
+
+def check_gguf_types(*names: str | None) -> None:
+    """Each name is a GGUF tensor type (F16, Q8_0, Q4_K, ...), or None; else an error listing the writable ones."""
+    for name in names:
+        if name is not None and name.upper() not in GGMLQuantizationType.__members__:
+            raise AbliterateError(f"unknown GGUF type {name!r}; writable here: {', '.join(writable_types())}")
 
 
 def writable_types() -> list[str]:

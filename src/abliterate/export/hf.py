@@ -4,8 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers.utils.hub import convert_file_size_to_int
+
+from ..errors import AbliterateError
 from ..model.load import Loaded
 from .files import MANIFEST, check_output, to_json, write_dir_atomic
+
+
+def check_size(text: str) -> int:
+    """A shard size as transformers reads it ('2GB', '500MB'), or an error naming the value."""
+    try:
+        size = convert_file_size_to_int(text)
+    except (ValueError, TypeError) as e:
+        raise AbliterateError(f"--shard-size {text!r} is not a size; write a number and a unit, e.g. 2GB or 500MB") from e
+    if size <= 0:
+        raise AbliterateError(f"--shard-size {text!r} must be more than 0 bytes, e.g. 2GB")
+    return size
 
 
 def save_model(loaded: Loaded, out: str | Path, *, manifest: dict, extra=None, shard_size: str,

@@ -28,7 +28,7 @@ from .files import (
     write_file,
 )
 from .gguf_convert import check_convertible, write_gguf
-from .gguf_copy import write_edited_gguf
+from .gguf_copy import writable_types, write_edited_gguf
 from .llamacpp import write_control_vector, write_modelfile
 
 
@@ -61,9 +61,14 @@ def is_gguf(out: str | Path | None) -> bool:
     return out is not None and str(out).endswith(".gguf")
 
 
-def check_model_output(out: str | Path, source: str | Path, force: bool) -> Path:
-    """Before the model loads: a model output (a directory, or NAME.gguf) must not touch the input `source`."""
+def check_model_output(out: str | Path, source: str | Path, force: bool, gguf_type: str | None = None) -> Path:
+    """Before the model loads: a model output (a directory, or NAME.gguf) must not touch the input `source`; a
+    Hugging Face model written as GGUF needs a `gguf_type` that can be written here."""
     src = Path(source).expanduser()
+    if is_gguf(out) and gguf_type and not str(source).lower().endswith(".gguf"):
+        if gguf_type.upper() not in writable_types():
+            raise AbliterateError(f"--gguf-type {gguf_type} cannot be written here; writable: "
+                                  f"{', '.join(writable_types())} (K-quants need llama-cpp-python)")
     return check_output(out, inputs=(src,) if src.exists() else (), force=force,
                         kind="file" if is_gguf(out) else "dir")
 
@@ -122,14 +127,18 @@ def read_edit(path: Path, trial: int | None = None) -> tuple[Direction, Ablation
 
     manifest = read_manifest(path, ("run", "apply"))
     stem = path.name[: -len("manifest.json")] if path.name.endswith(".manifest.json") else ""
-    search = manifest.get("search")
-    file = search["ablation_file"] if search else None
-    if trial is not None:
+    try:
+        search = manifest.get("search")
+        file = str(search["ablation_file"]) if search else None
         saved = {t["number"]: t for t in (search or {}).get("finalists", []) if "ablation_file" in t}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise AbliterateError(f"{path}: its search section is not one `run --search` writes ({type(e).__name__}: "
+                              f"{e}); give the manifest.json of a run or an apply as it was saved") from e
+    if trial is not None:
         if trial not in saved:
             raise AbliterateError(f"--trial {trial}: {path} has no saved edit for that trial; its finalists are "
                                   f"{', '.join(map(str, saved)) or 'none (not a searched run)'}")
         search = dict(search, chosen=saved[trial])
-        file = saved[trial]["ablation_file"]
+        file = str(saved[trial]["ablation_file"])
     ablation = Ablation.load(path.parent / file) if file else None
     return Direction.load(path.parent / f"{stem}{DIRECTION}"), ablation, search

@@ -7,11 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import AbliterateError
-from ..export.files import atomic_path
+from ..export.files import load_tensors, save_tensors
 from ..model.arch import check_layer
 
 
@@ -101,28 +99,25 @@ class Direction:
                 "scale": self.scale, "hidden_size": self.hidden_size, **self.meta}
 
     def save(self, path: str | Path, candidates: Candidates | None = None) -> Path:
-        path = Path(path)
-        tensors = {"direction": self.vector.contiguous()}
+        tensors, meta = {"direction": self.vector}, {"abliterate": self.describe()}
         if candidates is not None:
-            tensors["harmful_mean"] = candidates.harmful.contiguous()
-            tensors["harmless_mean"] = candidates.harmless.contiguous()
-        meta = {"abliterate": json.dumps(self.describe())}
-        if candidates is not None:
-            meta["positions"] = json.dumps(list(candidates.positions))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return path
+            tensors |= {"harmful_mean": candidates.harmful, "harmless_mean": candidates.harmless}
+            meta["positions"] = list(candidates.positions)
+        return save_tensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "Direction":
-        try:
-            with safe_open(str(path), "pt") as f:
-                info = json.loads(f.metadata()["abliterate"])
-                vector = f.get_tensor("direction").float()
-        except Exception as e:  # missing file, not safetensors, no metadata
-            raise AbliterateError(f"{path} is not an abliterate direction file ({e})") from e
-        fixed = {k: info.pop(k) for k in ("layer", "position", "projected", "scale")}
+        info, t, _ = load_tensors(path, "abliterate", ("direction",), "direction")
+        vector = t["direction"].float()
+        kinds = {"layer": int, "position": int, "projected": bool, "scale": (int, float)}
+        if not isinstance(info, dict) or any(type(info.get(k)) is bool and t is not bool or
+                                             not isinstance(info.get(k), t) for k, t in kinds.items()):
+            raise AbliterateError(f"{path} has no usable direction metadata (it needs {', '.join(kinds)}); "
+                                  f"make it again with `abliterate directions`")
+        if vector.dim() != 1 or not torch.isfinite(vector).all():
+            raise AbliterateError(f"{path}: the direction is not a finite vector (shape {tuple(vector.shape)}); "
+                                  f"make it again with `abliterate directions`")
+        fixed = {k: info.pop(k) for k in kinds}
         info.pop("hidden_size", None)
         return cls(vector=vector, meta=info, **fixed)
 
@@ -137,9 +132,9 @@ class Direction:
 
 
 def load_candidates(path: str | Path) -> Candidates:
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-        if "positions" not in meta:
-            raise AbliterateError(f"{path} holds a direction but no candidate means; rerun `abliterate directions`")
-        return Candidates(f.get_tensor("harmful_mean"), f.get_tensor("harmless_mean"),
-                          tuple(json.loads(meta["positions"])), json.loads(meta["abliterate"]))
+    """The candidate means a direction file keeps (`directions`, `inspect --save-direction` and runs save them)."""
+    info, _, meta = load_tensors(path, "abliterate", (), "direction")
+    if "positions" not in meta:
+        raise AbliterateError(f"{path} holds a direction but no candidate means; rerun `abliterate directions`")
+    _, t, _ = load_tensors(path, "positions", ("harmful_mean", "harmless_mean"), "direction")
+    return Candidates(t["harmful_mean"], t["harmless_mean"], tuple(json.loads(meta["positions"])), info)

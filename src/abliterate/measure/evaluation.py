@@ -17,6 +17,7 @@ from ..model.forward import first_param, forward, id_batches
 from .decode import Generated, generate
 from .kl import kl_logprobs
 from .refusal import is_refusal
+from .stats import Paired, Rate, paired
 
 
 @torch.inference_mode()
@@ -58,8 +59,15 @@ class Metrics:
     def over_refusal_rate(self) -> float:
         return self.over_refusals / max(self.n_harmless, 1)
 
+    @property
+    def rates(self) -> dict[str, Rate]:
+        """The two counts with their n and 95% Wilson intervals."""
+        return {"refusals": Rate(self.refusals, self.n_harmful), "over_refusals": Rate(self.over_refusals,
+                                                                                        self.n_harmless)}
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "refusal_rate": self.refusal_rate, "over_refusal_rate": self.over_refusal_rate}
+        return {**asdict(self), "refusal_rate": self.refusal_rate, "over_refusal_rate": self.over_refusal_rate,
+                **{f"{k}_ci95": [round(x, 4) for x in r.interval] for k, r in self.rates.items()}}
 
 
 @dataclass
@@ -72,6 +80,14 @@ class Evaluation:
 
     def samples(self, n: int = 3) -> list[dict]:
         return [{"prompt": p, "response": r} for p, r in zip(self.harmful_prompts[:n], self.harmful.text[:n])]
+
+
+def changes(before: Evaluation, after: Evaluation) -> dict[str, Paired]:
+    """Refusals and over-refusals before and after, prompt by prompt: the paired difference, its 95% interval and
+    McNemar's exact test (is the change outside the noise of this many prompts?)."""
+    return {"refusals": paired(list(map(is_refusal, before.harmful.text)), list(map(is_refusal, after.harmful.text))),
+            "over_refusals": paired(list(map(is_refusal, before.harmless.text)),
+                                    list(map(is_refusal, after.harmless.text)))}
 
 
 def evaluate(model, tokenizer, harmful: list[str], harmless: list[str], *, harmful_prompts: list[str] = (),

@@ -63,7 +63,7 @@ class ArchSpec:
             for key in ("embeddings", "attn_writers", "mlp_writers"):
                 raw[key] = tuple(raw[key])
             return cls(**raw)
-        except (OSError, ValueError, TypeError, KeyError) as e:
+        except (OSError, ValueError, TypeError, KeyError, RecursionError) as e:
             raise AbliterateError(
                 f"architecture spec {path!s} is not usable ({e}); it must be a JSON object with "
                 f"the fields of abliterate.arch.ArchSpec: {', '.join(ArchSpec.__dataclass_fields__)}"

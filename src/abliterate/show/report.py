@@ -19,8 +19,8 @@ def run_report(model: str, direction, before: Evaluation, after: Evaluation, sel
                timings: dict[str, float], n_pairs: int = N_PAIRS) -> str:
     b, a = before.metrics, after.metrics
     metrics = (["", "original", "abliterated"], [
-        ["refusals (harmful prompts)", f"{b.refusals}/{b.n_harmful}", f"{a.refusals}/{a.n_harmful}"],
-        ["over-refusals (harmless prompts)", f"{b.over_refusals}/{b.n_harmless}", f"{a.over_refusals}/{a.n_harmless}"],
+        ["refusals (harmful prompts)", str(b.rates["refusals"]), str(a.rates["refusals"])],
+        ["over-refusals (harmless prompts)", str(b.rates["over_refusals"]), str(a.rates["over_refusals"])],
         ["KL, first answer token", "0", _fmt(a.kl_first)],
         ["KL, mean over the original's first answer tokens", "0", _fmt(a.kl_continuation)],
     ])

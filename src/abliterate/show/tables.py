@@ -8,7 +8,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
+from ..measure.evaluation import Metrics
 from ..measure.inspection import LayerStats, TokenView
+from ..measure.stats import Paired
 from ..search.study import TrialResult
 from .html import _shown, color
 
@@ -77,15 +79,22 @@ def render_terminal(view: TokenView, console=None) -> None:
     console.print(text)
 
 
-def metrics_table(before, after) -> str:
-    rows = [("refusals (harmful)", f"{before.refusals}/{before.n_harmful}", f"{after.refusals}/{after.n_harmful}"),
-            ("over-refusals (harmless)", f"{before.over_refusals}/{before.n_harmless}",
-             f"{after.over_refusals}/{after.n_harmless}"),
-            ("KL first token", "0", f"{after.kl_first:.4f}" if after.kl_first is not None else "-"),
-            ("KL continuation", "0", f"{after.kl_continuation:.4f}" if after.kl_continuation is not None else "-")]
-    lines = [f"{'':28}{'original':>12}{'edited':>12}"]
-    lines += [f"{a:28}{b:>12}{c:>12}" for a, b, c in rows]
+def metrics_table(before: Metrics, after: Metrics, change: dict[str, Paired] | None = None) -> str:
+    """Counts with their n and 95% Wilson interval, before and after; with `change` (the same prompts), the
+    paired difference and McNemar's p, which says whether it is outside the noise of this many prompts."""
+    rows = [(label, str(before.rates[key]), str(after.rates[key]), _change(change[key]) if change else "")
+            for label, key in (("refusals (harmful)", "refusals"), ("over-refusals (harmless)", "over_refusals"))]
+    rows += [("KL first token", "0", f"{after.kl_first:.4f}" if after.kl_first is not None else "-", ""),
+             ("KL continuation", "0", f"{after.kl_continuation:.4f}" if after.kl_continuation is not None else "-",
+              "")]
+    lines = [f"{'':26}{'original':<30}{'edited':<30}" + ("change, paired (95% CI; McNemar p)" if change else "")]
+    lines += [f"{a:26}{b:<30}{c:<30}{d}".rstrip() for a, b, c, d in rows]
     return "\n".join(lines)
+
+
+def _change(p: Paired) -> str:
+    lo, hi = p.interval
+    return f"{p.difference:+.0%} ({lo:+.0%} to {hi:+.0%}; p = {p.p_value:.2g})"
 
 
 def samples_text(before, after, n: int = 3) -> str:

@@ -1,0 +1,154 @@
+"""What the default edit costs in knowledge: MMLU accuracy of the reference model before and after.
+
+The original (Qwen2.5-Coder-0.5B-Instruct) and the default run's edit (the direction `abliterate directions`
+finds with a default RunConfig, applied by hooks, which are tested equal to baked weights) answer the same
+stratified sample of MMLU test items, few-shot, by log-likelihood of the answer letter
+(`abliterate.capability`). Prints one JSON object: each accuracy with its Wilson 95% interval, retention
+(edited / original) with its Bonett-Price interval, items lost and gained, the paired difference with
+Newcombe's interval and the exact McNemar p, the same per MMLU group, wall time and tokens per second.
+
+    python benchmarks/bench_capability.py [--n 1000] [--shots 5] [--data ../shared/data/capability]
+
+On a shared CPU, score the two models in two single-threaded processes (`--part original`, `--part edited`,
+each printing its part as JSON) and join them with `--combine ORIGINAL.json EDITED.json`. A part whose
+process was stopped early (its predictions so far dumped from the live process) has null predictions for
+the subjects it did not reach; the comparison is then on the items both parts answered and says so
+("incomplete"). benchmarks/results/capability-reference.json is such a run (1-shot, cut at 22:19 UTC).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from abliterate import RunConfig
+from abliterate.commands.steps import find_direction, load
+from abliterate.edit.project import ablated
+from abliterate.measure.capability import Scores, question_text, read_items, stratified
+from abliterate.measure.capability import compare as compare_scores
+from abliterate.model import packaged as reference
+from abliterate.search.probe import score
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def joint_tokenization_agrees(tokenizer, items) -> float:
+    """Share of items whose question + ' A' tokenizes the same jointly as in pieces (as `score` runs it)."""
+    enc = lambda t: tokenizer(t, add_special_tokens=False).input_ids
+    same = sum(enc(question_text(it) + " A") == enc(question_text(it)) + enc(" A") for it in items)
+    return same / len(items)
+
+
+def _summary(s: Scores) -> dict:
+    return {"accuracy": s.accuracy.to_dict(), "accuracy_text": str(s.accuracy), "seconds": round(s.seconds, 1),
+            "tokens": s.tokens, "tokens_per_s": round(s.tokens / s.seconds, 1) if s.seconds else None}
+
+
+def run_part(part: str, args, items, dev) -> dict:
+    """Score the original or the edit (the default run's direction, by hooks) in this process."""
+    t0, started = time.perf_counter(), time.time()
+    model_dir = reference.hf_dir(progress=lambda m: print(m, file=sys.stderr))
+    cfg = RunConfig()
+    loaded, layout = load(str(model_dir), cfg)
+    model, tok = loaded.model, loaded.tokenizer
+    out = {"model": reference.QWEN_CODER_05B.name, "device": str(next(model.parameters()).device),
+           "dtype": str(next(model.parameters()).dtype), "threads": torch.get_num_threads(),
+           "letter_tokens": {x: tok(f" {x}", add_special_tokens=False).input_ids for x in "ABCD"},
+           "joint_tokenization_agrees": joint_tokenization_agrees(tok, items),
+           "prepare_s": round(time.perf_counter() - t0, 1)}
+    kw = {"shots": args.shots, "dev_items": dev, "batch_size": args.batch_size}
+    if part in ("both", "original"):
+        print(f"scoring the original on {len(items)} items, {args.shots}-shot", file=sys.stderr)
+        before = score(model, tok, items, desc="original", **kw)
+        out["original"] = {**_summary(before), "predicted": before.predicted}
+        print(f"original: {before.accuracy} in {before.seconds:.0f} s", file=sys.stderr)
+    if part in ("both", "edited"):
+        t0 = time.perf_counter()
+        direction, _, _ = find_direction(loaded, layout, cfg)
+        out["direction"] = {"layer": direction.layer, "position": direction.position,
+                            "projected": direction.projected, "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"direction at layer {direction.layer}; scoring the edit", file=sys.stderr)
+        with ablated(model, direction, layout):
+            after = score(model, tok, items, desc="edited", **kw)
+        out["edited"] = {**_summary(after), "predicted": after.predicted}
+        print(f"edited: {after.accuracy} in {after.seconds:.0f} s", file=sys.stderr)
+    out[f"{part}_clock"] = [started, time.time()]  # wall clock of this process, to time parts run in parallel
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "capability"))
+    parser.add_argument("--n", type=int, default=1000, help="stratified sample of MMLU test items")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--part", choices=["both", "original", "edited"], default="both",
+                        help="score one model only and print its part (run two processes on a shared machine, "
+                             "then --combine)")
+    parser.add_argument("--combine", nargs="+", metavar="PART.json", help="build the report from saved parts")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    items = stratified(read_items(Path(args.data) / "mmlu_test.jsonl"), args.n, args.seed)
+    dev = read_items(Path(args.data) / "mmlu_dev.jsonl")
+    if args.combine:
+        parts = [json.loads(Path(p).read_text()) for p in args.combine]
+    else:
+        parts = [run_part(args.part, args, items, dev)]
+        if args.part != "both":
+            print(json.dumps({"part": args.part, "n": args.n, "seed": args.seed, "shots": args.shots, **parts[0]}))
+            return 0
+    merged = {k: v for p in parts for k, v in p.items()}
+    for p in parts:  # parts of one report: same sample, same protocol
+        assert all(p.get(k, getattr(args, k)) == getattr(args, k) for k in ("n", "seed", "shots")), p.keys()
+    report = {k: v for k, v in merged.items() if k not in ("part", "original", "edited")}
+    report.update(
+        protocol=f"MMLU, lm-eval format, {args.shots}-shot (dev exemplars of the same subject), plain text, "
+                 f"argmax log-likelihood of ' A'..' D' after 'Answer:'",
+        n=len(items), seed=args.seed, shots=args.shots)
+    preds = {name: merged[name].pop("predicted") for name in ("original", "edited")}
+    # A part cut short (its predictions dumped from the running process) has None for the subjects it did
+    # not reach: the comparison is then on the items both parts answered, and says so.
+    done = [i for i in range(len(items)) if all(preds[k][i] is not None for k in preds)]
+    if len(done) < len(items):
+        report["incomplete"] = {"items_compared": len(done), "subjects_compared": len({items[i].subject for i in done}),
+                                "missing": {k: sum(p is None for p in v) for k, v in preds.items()}}
+    scores = {}
+    for name in ("original", "edited"):
+        part = merged[name]
+        scores[name] = Scores([items[i] for i in done], [preds[name][i] for i in done], [], args.shots,
+                              part.get("tokens", 0), part.get("seconds", 0.0))
+        if len(done) < len(items):
+            part["accuracy_compared_items"] = scores[name].accuracy.to_dict()
+        # a model that always picks one letter scores near chance for that reason alone: show the spread
+        part["predicted_letters"] = {"ABCD"[j]: scores[name].predicted.count(j) for j in range(4)}
+        report[name] = part
+    r = compare_scores(scores["original"], scores["edited"])
+    report["answer_letters"] = {"ABCD"[j]: sum(items[i].answer == j for i in done) for j in range(4)}
+    report["comparison"] = r.to_dict()
+    for key in ("lost_items", "gained_items"):  # indices into the whole sample, also when only part was compared
+        report["comparison"][key] = [done[i] for i in report["comparison"][key]]
+    report["comparison_text"] = {"original": str(r.before), "edited": str(r.after), "change": str(r.change),
+                                 "retention": "{:.3f} (95% CI {:.3f}-{:.3f})".format(r.retention,
+                                                                                   *r.retention_interval)}
+    clocks = [v for k, v in merged.items() if k.endswith("_clock")]
+    report["wall_s"] = round(max(c[1] for c in clocks) - min(c[0] for c in clocks), 1)  # first start to last end
+    report["compute_s"] = round(sum(merged[k]["seconds"] for k in ("original", "edited"))
+                                + merged["direction"]["seconds"], 1)  # scoring and direction, summed over parts
+    report = {k: v for k, v in report.items() if not k.endswith("_clock")}
+    if not args.combine:
+        report["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        report["total_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

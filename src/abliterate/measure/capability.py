@@ -1,0 +1,331 @@
+"""Capability retention: the same multiple-choice questions answered by the original and the edited model.
+
+An edit that removes refusals may also remove knowledge. KL at the first response token says how far the
+edited model's distribution moved, not whether it still knows things, so we also score MMLU-style
+questions (Hendrycks et al. 2021) before and after, item by item, and compare them paired (`stats.paired`).
+
+Protocol: lm-eval-harness's MMLU format, plain text, no chat template. A zero-shot check that read the
+first response token through the chat template measured chance (25.4%) on the reference model: a 0.5B
+chat model does not answer "Answer:" with a letter unless shown the pattern. Here a header and k solved
+exemplars of the same subject (MMLU's dev split) come first, and the choice is the letter whose
+continuation (" A", " B", ...) has the highest log-likelihood after "Answer:", the standard few-shot
+log-likelihood protocol, which does not depend on the model following instructions.
+
+Shots: 5, MMLU's standard. One shot is not enough on the reference model: 1-shot it scored 215/764
+(28%; 95% CI 25-31%), choosing A or C for 95% of the questions, as if copying the lone exemplar's letter
+(benchmarks/results/capability-reference.json). 5-shot did not fit the time of that session, so 5 is
+the protocol's standard, not yet a measured figure here.
+
+The header and exemplars are the same for every question of a subject, so they are run once per subject
+and their key/value cache reused (`search.cached_logits`): with 5 shots that is most of every prompt's
+tokens. Everything is forward passes, so it works unchanged under hooks (`with ablated(model, d): ...`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import AbliterateError
+from ..find.prompts import _bos
+from ..model.forward import cached_logits
+from .stats import Paired, Rate, paired
+
+LETTERS = "ABCDEFGHIJ"
+
+# MMLU's 57 subjects in the four groups of the original release (hendrycks/test, categories.py: subject ->
+# subcategory -> category; MIT license). Written out here by group.
+MMLU_GROUPS: dict[str, tuple[str, ...]] = {
+    "STEM": (
+        "abstract_algebra", "astronomy", "college_biology", "college_chemistry", "college_computer_science",
+        "college_mathematics", "college_physics", "computer_security", "conceptual_physics",
+        "electrical_engineering", "elementary_mathematics", "high_school_biology", "high_school_chemistry",
+        "high_school_computer_science", "high_school_mathematics", "high_school_physics",
+        "high_school_statistics", "machine_learning",
+    ),
+    "humanities": (
+        "formal_logic", "high_school_european_history", "high_school_us_history", "high_school_world_history",
+        "international_law", "jurisprudence", "logical_fallacies", "moral_disputes", "moral_scenarios",
+        "philosophy", "prehistory", "professional_law", "world_religions",
+    ),
+    "social sciences": (
+        "econometrics", "high_school_geography", "high_school_government_and_politics",
+        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology", "human_sexuality",
+        "professional_psychology", "public_relations", "security_studies", "sociology", "us_foreign_policy",
+    ),
+    "other": (
+        "anatomy", "business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging",
+        "management", "marketing", "medical_genetics", "miscellaneous", "nutrition", "professional_accounting",
+        "professional_medicine", "virology",
+    ),
+}
+SUBJECT_GROUP = {s: g for g, subjects in MMLU_GROUPS.items() for s in subjects}
+
+
+def group_of(subject: str) -> str:
+    """The MMLU group of a subject; a subject outside MMLU is its own group."""
+    return SUBJECT_GROUP.get(subject, subject or "unlabelled")
+
+
+@dataclass(frozen=True)
+class Item:
+    question: str
+    choices: tuple[str, ...]
+    answer: int  # index into choices
+    subject: str = ""
+
+
+def _item(raw, where: str) -> Item:
+    """One item from parsed JSON. `answer` is a 0-based index or a letter ("A" = first choice), as MMLU
+    re-exports use either; anything else (a choice's text, "1") is refused rather than guessed."""
+    if not isinstance(raw, dict):
+        raise AbliterateError(f"{where}: expected an object with question, choices, answer; got {raw!r:.60}")
+    q, choices, subject = raw.get("question"), raw.get("choices"), raw.get("subject", "")
+    if not isinstance(q, str) or not q.strip():
+        raise AbliterateError(f"{where}: 'question' must be a non-empty string; add the question text")
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise AbliterateError(f"{where}: 'choices' must be a list of at least two strings; got {choices!r:.60}")
+    if len(choices) > len(LETTERS):
+        raise AbliterateError(f"{where}: {len(choices)} choices; at most {len(LETTERS)} are supported")
+    if not all(isinstance(c, str) for c in choices):
+        raise AbliterateError(f"{where}: every choice must be a string; got {choices!r:.80}")
+    if not isinstance(subject, str):
+        raise AbliterateError(f"{where}: 'subject' must be a string; got {subject!r:.40}")
+    if "answer" not in raw:
+        raise AbliterateError(f"{where}: no 'answer'; add the correct choice's 0-based index or letter")
+    ans = raw["answer"]
+    letters = LETTERS[:len(choices)]
+    if isinstance(ans, str) and len(ans) == 1 and ans in letters:
+        ans = letters.index(ans)
+    if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(choices):
+        raise AbliterateError(f"{where}: answer {ans!r} is not a choice; use an index 0-{len(choices) - 1} "
+                              f"or a letter {letters[0]}-{letters[-1]}")
+    return Item(q, tuple(choices), ans, subject)
+
+
+def read_items(path: str | Path) -> list[Item]:
+    """All items of a JSON list or JSON-lines file; errors name the file and the (1-based) line or item."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise AbliterateError(f"{path}: no such file; pass a JSON or JSONL file of questions") from None
+    except UnicodeDecodeError as e:
+        raise AbliterateError(f"{path}: not UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+    if not text.strip():
+        raise AbliterateError(f"{path}: empty; it needs a JSON list or JSON lines of {{question, choices, answer}}")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise AbliterateError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}); fix the syntax") from None
+        items = [_item(r, f"{path}: item {i}") for i, r in enumerate(rows, 1)]
+    else:
+        items = []
+        # split on "\n" only: str.splitlines also breaks at U+2028 and U+0085, which JSON strings may hold raw
+        for ln, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AbliterateError(f"{path}: line {ln}: not valid JSON ({e.msg}); one object per line") from None
+            items.append(_item(raw, f"{path}: line {ln}"))
+    if not items:
+        raise AbliterateError(f"{path}: holds no items; add {{question, choices, answer}} objects")
+    return items
+
+
+def load_items(spec: str, seed: int = 0) -> list[Item]:
+    """`FILE` (every item) or `FILE:N` (a stratified sample of N, seeded)."""
+    path, n = spec, None
+    if not Path(spec).is_file() and ":" in spec:
+        path, _, tail = spec.rpartition(":")
+        if not tail.isdigit() or int(tail) < 1:
+            raise AbliterateError(f"{spec}: N in FILE:N must be a positive integer; got {tail!r}")
+        n = int(tail)
+    items = read_items(path)
+    if n is None:
+        return items
+    if n > len(items):
+        raise AbliterateError(f"{spec}: asks for {n} items but {path} has {len(items)}; lower N")
+    return stratified(items, n, seed)
+
+
+def stratified(items: list[Item], n: int, seed: int) -> list[Item]:
+    """A sample of n items proportional to subject sizes, at least one per subject when n allows, in file order.
+
+    Largest-remainder allocation (deterministic, ties by subject name); within a subject, a seeded shuffle.
+    A plain random sample of 1,000 MMLU items would leave small subjects with 0-3 items by chance.
+    """
+    if n < 1:
+        raise AbliterateError(f"sample size must be a positive integer; got {n}")
+    if n >= len(items):
+        return list(items)
+    by_subject: dict[str, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        by_subject[it.subject].append(i)
+    subjects = sorted(by_subject)
+    base = 1 if n >= len(subjects) else 0  # one each first, the rest proportional to what is left
+    rest, pool = n - base * len(subjects), len(items) - base * len(subjects)
+    quota = {s: rest * (len(by_subject[s]) - base) / pool for s in subjects}
+    take = {s: base + int(quota[s]) for s in subjects}
+    left = n - sum(take.values())
+    for s in sorted(subjects, key=lambda s: (-(quota[s] - int(quota[s])), s))[:left]:
+        take[s] += 1
+    rng = random.Random(seed)
+    chosen = []
+    for s in subjects:
+        idx = list(by_subject[s])
+        rng.shuffle(idx)
+        chosen += idx[:take[s]]
+    return [items[i] for i in sorted(chosen)]
+
+
+def question_text(item: Item) -> str:
+    """lm-eval's MMLU rendering of one question, up to and including 'Answer:'."""
+    lines = [item.question.strip()] + [f"{LETTERS[j]}. {c}" for j, c in enumerate(item.choices)]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def header(subject: str) -> str:
+    about = f" about {subject.replace('_', ' ')}" if subject else ""
+    return f"The following are multiple choice questions (with answers){about}.\n\n"
+
+
+def prefix_text(subject: str, exemplars: list[Item]) -> str:
+    """Header and solved exemplars: shared by every question of `subject`."""
+    return header(subject) + "".join(f"{question_text(e)} {LETTERS[e.answer]}\n\n" for e in exemplars)
+
+
+@dataclass
+class Scores:
+    """One model's answers: per item the chosen index and the log-probability of each choice's letter."""
+
+    items: list[Item]
+    predicted: list[int]
+    logprobs: list[list[float]]
+    shots: int
+    tokens: int = 0  # tokens run through the model (shared prefixes once per subject)
+    seconds: float = 0.0
+
+    @property
+    def correct(self) -> list[bool]:
+        return [p == it.answer for p, it in zip(self.predicted, self.items)]
+
+    @property
+    def accuracy(self) -> Rate:
+        return Rate(sum(self.correct), len(self.items))
+
+
+def score(model, tokenizer, items: list[Item], *, shots: int = 5, dev_items: list[Item] | None = None,
+          batch_size: int = 8, desc: str | None = None) -> Scores:
+    """Answer `items` by the few-shot log-likelihood protocol (module docstring), subject by subject."""
+    t0 = time.perf_counter()
+    if shots and dev_items is None:
+        raise AbliterateError(f"{shots}-shot scoring needs exemplars: pass dev_items (e.g. mmlu_dev.jsonl) or shots=0")
+    dev: dict[str, list[Item]] = defaultdict(list)
+    for it in dev_items or []:
+        dev[it.subject].append(it)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def enc(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    predicted, logprobs = [None] * len(items), [None] * len(items)
+    tokens = 0
+    by_subject: dict[str, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        by_subject[it.subject].append(i)
+    for subject, idx in tqdm(by_subject.items(), desc=desc, disable=desc is None, unit="subject"):
+        if len(dev[subject]) < shots:
+            raise AbliterateError(f"subject {subject!r} has {len(dev[subject])} exemplars in dev_items, {shots} "
+                                  f"needed; pass dev items of that subject or lower shots")
+        prefix = enc(_bos(tokenizer) + prefix_text(subject, dev[subject][:shots]))
+        # One sequence per (item, choice): the question, then the choice's continuation but its last token;
+        # the last len(continuation) positions predict the continuation's tokens. When every continuation is
+        # one token (" A" is, for the common tokenizers), an item's sequences coincide and are run once.
+        seqs, where = [], []  # where: (item, choice, continuation ids, row in seqs)
+        for i in idx:
+            q = enc(question_text(items[i]))
+            conts = [enc(f" {LETTERS[j]}") for j in range(len(items[i].choices))]
+            single = all(len(c) == 1 for c in conts)
+            for j, c in enumerate(conts):
+                if not (single and j):
+                    seqs.append(q + c[:-1])
+                where.append((i, j, c, len(seqs) - 1))
+        keep = max(len(c) for _, _, c, _ in where)
+        logits = cached_logits(model, prefix, seqs, keep=keep, pad_id=pad, batch_size=batch_size)  # (S, keep, V)
+        logp = torch.log_softmax(logits.double(), -1)
+        tokens += len(prefix) + sum(len(s) for s in seqs)
+        for i in idx:
+            logprobs[i] = [0.0] * len(items[i].choices)
+        for i, j, c, k in where:
+            rows = logp[k, keep - len(c):]  # (len(c), V): the positions that predict each continuation token
+            logprobs[i][j] = float(rows[torch.arange(len(c)), torch.tensor(c)].sum())
+        for i in idx:
+            predicted[i] = max(range(len(logprobs[i])), key=logprobs[i].__getitem__)
+    return Scores(list(items), predicted, logprobs, shots, tokens, time.perf_counter() - t0)
+
+
+@dataclass
+class Retention:
+    """Original vs edited on the same items: accuracies, retention (after / before) and the paired change."""
+
+    before: Rate
+    after: Rate
+    change: Paired
+    lost: list[int]  # indices of items the original answered and the edit does not
+    gained: list[int]
+    groups: dict[str, Retention] = field(default_factory=dict)
+
+    @property
+    def retention(self) -> float:
+        return self.change.ratio
+
+    @property
+    def retention_interval(self) -> tuple[float, float]:
+        """Bonett-Price 95% interval for the ratio of paired accuracies (`stats.ratio_interval`)."""
+        return self.change.ratio_interval
+
+    def to_dict(self, indices: bool = True) -> dict:
+        lo, hi = self.retention_interval
+        def num(x: float):  # JSON has no NaN or Infinity: retention is undefined when nothing was right before
+            return round(x, 4) if math.isfinite(x) else None
+
+        out = {"n": self.change.n, "accuracy_before": self.before.to_dict(), "accuracy_after": self.after.to_dict(),
+               "retention": num(self.retention), "retention_ci95": [num(lo), num(hi)],
+               **self.change.to_dict()}
+        if indices:
+            out.update(lost_items=self.lost, gained_items=self.gained)
+        if self.groups:
+            out["groups"] = {g: r.to_dict(indices=False) for g, r in self.groups.items()}
+        return out
+
+
+def _retention(a: list[bool], b: list[bool], index: list[int]) -> Retention:
+    change = paired(a, b)
+    return Retention(change.before, change.after, change,
+                     [i for i, x, y in zip(index, a, b) if x and not y], [i for i, x, y in zip(index, a, b) if y and not x])
+
+
+def compare(before: Scores, after: Scores) -> Retention:
+    """Paired comparison of two `Scores` of the same items, overall and per MMLU group."""
+    if before.items != after.items:
+        raise AbliterateError(f"compare needs scores of the same items in the same order; got {len(before.items)} "
+                              f"and {len(after.items)} items that differ. Score both models on one item list")
+    a, b = before.correct, after.correct
+    out = _retention(a, b, list(range(len(a))))
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for i, it in enumerate(before.items):
+        by_group[group_of(it.subject)].append(i)
+    out.groups = {g: _retention([a[i] for i in idx], [b[i] for i in idx], idx) for g, idx in sorted(by_group.items())}
+    return out
