@@ -3,7 +3,7 @@
 The original (Qwen2.5-Coder-0.5B-Instruct) and the default run's edit (the direction `abliterate directions`
 finds with a default RunConfig, applied by hooks, which are tested equal to baked weights) answer the same
 stratified sample of MMLU test items, few-shot, by log-likelihood of the answer letter
-(`abliterate.capability`). Prints one JSON object: each accuracy with its Wilson 95% interval, retention
+(`abliterate.measure.capability`). Prints one JSON object: each accuracy with its Wilson 95% interval, retention
 (edited / original) with its Bonett-Price interval, items lost and gained, the paired difference with
 Newcombe's interval and the exact McNemar p, the same per MMLU group, wall time and tokens per second.
 
@@ -13,7 +13,8 @@ On a shared CPU, score the two models in two single-threaded processes (`--part 
 each printing its part as JSON) and join them with `--combine ORIGINAL.json EDITED.json`. A part whose
 process was stopped early (its predictions so far dumped from the live process) has null predictions for
 the subjects it did not reach; the comparison is then on the items both parts answered and says so
-("incomplete"). benchmarks/results/capability-reference.json is such a run (1-shot, cut at 22:19 UTC).
+("incomplete"). No figure from this script is published yet: a first 1-shot run put the original at 28%
+(95% CI 25-31%) with 95% of its answers A or C, which measures the protocol, not the model.
 """
 
 from __future__ import annotations
@@ -30,10 +31,15 @@ import torch
 from abliterate import RunConfig
 from abliterate.commands.steps import find_direction, load
 from abliterate.edit.project import ablated
-from abliterate.measure.capability import Scores, question_text, read_items, stratified
+from abliterate.measure.capability import (
+    Scores,
+    question_text,
+    read_items,
+    score,
+    stratified,
+)
 from abliterate.measure.capability import compare as compare_scores
 from abliterate.model import packaged as reference
-from abliterate.search.probe import score
 
 ROOT = Path(__file__).resolve().parents[1]
 
