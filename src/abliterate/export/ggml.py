@@ -23,7 +23,7 @@ _SUPPORTED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q
 @functools.cache
 def _lib():
     try:
-        import llama_cpp
+        import llama_cpp  # optional ([llama]): it compiles llama.cpp, so it is imported only when used
     except Exception:  # not installed, or its native library failed to load
         return None
     libdir = Path(llama_cpp.__file__).parent / "lib"

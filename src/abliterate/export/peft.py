@@ -56,7 +56,7 @@ def save_lora_adapter(model: nn.Module, layout: Layout, direction: Direction, ou
     `model` is wrapped by PEFT while saving and unwrapped again before returning.
     """
     try:
-        import peft
+        import peft  # optional ([peft]): only adapter outputs need it
     except ImportError as e:
         raise AbliterateError("PEFT adapters need the peft package: pip install 'abliterate[peft]'") from e
     factors = lora_factors(layout, direction)

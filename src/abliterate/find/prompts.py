@@ -216,7 +216,7 @@ def load_prompts(source: str, *, column: str | None = None, split: str | None = 
 
 def _from_hub(dataset_id: str, column: str | None, split: str) -> list[str]:
     try:
-        import datasets
+        import datasets  # optional ([datasets]): only hf: prompt sets need it
     except ImportError as e:
         raise AbliterateError("hf: prompt sets need the `datasets` package: pip install datasets") from e
     try:

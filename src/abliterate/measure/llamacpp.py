@@ -25,7 +25,7 @@ from .refusal import is_refusal
 
 def require():
     try:
-        import llama_cpp
+        import llama_cpp  # optional ([llama]): it compiles llama.cpp, so it is imported only when used
     except Exception as e:
         raise AbliterateError(
             f"llama-cpp-python is not available ({e}); install it with pip install 'abliterate[llama]' "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gguf
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -155,8 +156,6 @@ def check_safetensors(path: Path) -> None:
     gigabytes: it checks the header's JSON, every tensor's dtype, shape and byte range, and that
     the ranges cover the file exactly (a truncated download fails here).
     """
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             f.keys()
@@ -306,8 +305,6 @@ def load_model(
         load_from = source
     if gguf_file is None:
         kwargs["use_safetensors"] = None if allow_pickle else True
-    from safetensors import SafetensorError
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             load_from, trust_remote_code=trust_remote_code, gguf_file=kwargs.get("gguf_file")
