@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import FAST, assert_clean_error, make_model, run_cli
 
 from abliterate.edit.project import ablated
 from abliterate.errors import AbliterateError
@@ -253,3 +253,26 @@ def test_compare_counts_a_constructed_case():
     assert d["lost_items"] == [1, 6, 7] and d["groups"]["humanities"]["lost"] == 2
     with pytest.raises(AbliterateError, match="same items"):
         compare(before, _scores(items[:5], [0] * 5))
+
+
+def test_run_and_eval_report_capability_with_intervals(capsys, tmp_path, model_dirs):
+    """--capability on the command line: run saves it in the manifest, eval prints and saves it; both compare
+    the original and the edited model on the same items; a bad file fails before any model loads."""
+    spec, dev = f"{MMLU / 'mmlu_test.jsonl'}:6", MMLU / "mmlu_dev.jsonl"
+    out = tmp_path / "out"
+    code, text, err = run_cli(capsys, "run", model_dirs["llama"], "-o", out, *FAST, "--capability", spec,
+                              "--capability-dev", dev, "--capability-shots", "1")
+    assert code == 0, err
+    assert "capability (6 items): original" in text and "retention" in text
+    cap = json.loads((out / "manifest.json").read_text())["capability"]
+    assert cap["n"] == 6 and cap["accuracy_before"]["n"] == 6 and len(cap["accuracy_before"]["ci95"]) == 2
+    assert sum(g["n"] for g in cap["groups"].values()) == 6
+    code, text, err = run_cli(capsys, "eval", model_dirs["llama"], "--direction", out / "direction.safetensors",
+                              *FAST[4:], "--capability", spec, "--json", tmp_path / "e.json")
+    assert code == 0, err
+    again = json.loads((tmp_path / "e.json").read_text())["capability"]
+    assert again["n"] == 6 and "capability (6 items)" in text  # zero-shot here: its own figures
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 5}\n')
+    code, _, err = run_cli(capsys, "run", tmp_path / "no-model", "--capability", bad)
+    assert_clean_error(code, err, str(bad))

@@ -76,6 +76,12 @@ class RunConfig:
     # evaluation
     max_new_tokens: int = opt(32, "tokens generated per harmful evaluation prompt")
     kl_tokens: int = opt(16, "tokens of the original's answer over which KL is averaged (and harmless answers' length)")
+    capability: str | None = opt(None, "multiple-choice items that the original and the edited model both answer "
+                                 "(JSON or JSONL of question, choices, answer; FILE:N for a stratified sample of "
+                                 "N): accuracy of each, retention, items lost and gained, McNemar's p")
+    capability_dev: str | None = opt(None, "exemplars for few-shot prompts, by subject (e.g. MMLU's dev split); "
+                                     "without it the items are asked zero-shot")
+    capability_shots: int = opt(5, "exemplars per question when --capability-dev is given")
     # model and machine
     batch_size: int = opt(32, "prompts per forward pass")
     device: str | None = opt(None, "cuda, mps or cpu (default: the best available)")
@@ -106,7 +112,7 @@ class RunConfig:
         if self.positions not in ("last", "all"):
             raise AbliterateError(f"--positions {self.positions!r} is not one of: last, all")
         for name in ("n_train", "n_select", "max_new_tokens", "kl_tokens", "batch_size", "trials", "n_search",
-                     "finalists"):
+                     "finalists", "capability_shots"):
             if getattr(self, name) < 1:
                 raise AbliterateError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.min_layer_frac < self.max_layer_frac <= 1:

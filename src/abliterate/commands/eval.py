@@ -19,17 +19,27 @@ from ..export.files import to_json, write_file
 from ..export.llamacpp import read_control_vector
 from ..find.directions import Direction
 from ..measure import llamacpp
+from ..measure.capability import compare
 from ..measure.evaluation import changes
 from ..model.load import check_gguf
-from ..show.tables import metrics_table, samples_text
-from .options import EVAL, MODEL, add_options, run_config
-from .steps import chat_format, eval_sets, load, run_eval
+from ..show.tables import capability_table, metrics_table, samples_text
+from .options import CAPABILITY, EVAL, MODEL, add_options, run_config
+from .steps import (
+    capability_items,
+    chat_format,
+    eval_sets,
+    load,
+    run_capability,
+    run_eval,
+)
 
 
 def cmd_eval(args) -> int:
 
     cfg = run_config(args)
     harmful, harmless = eval_sets(cfg)
+    cap = capability_items(cfg)
+    cap_before = cap_after = None
     if args.direction and args.original:
         raise AbliterateError("give --direction (hooks on MODEL) or --original (compare two models), not both")
     direction = Direction.load(args.direction) if args.direction else None
@@ -37,15 +47,19 @@ def cmd_eval(args) -> int:
     if args.original:
         orig, _ = load(args.original, cfg)
         before = run_eval(orig, cfg, harmful, harmless)
+        cap_before = run_capability(orig, cfg, cap) if cap else None
         del orig
     loaded, layout = load(args.model, cfg)
     if direction is not None:
         direction.check_model(layout.hidden_size, layout.n_layers)
         before = run_eval(loaded, cfg, harmful, harmless)
+        cap_before = run_capability(loaded, cfg, cap) if cap else None
         with ablated(loaded.model, direction, layout):
             after = run_eval(loaded, cfg, harmful, harmless, reference=before)
+            cap_after = run_capability(loaded, cfg, cap) if cap else None
     else:
         after = run_eval(loaded, cfg, harmful, harmless, reference=before)
+        cap_after = run_capability(loaded, cfg, cap) if cap else None
     report = {"model": args.model, "after": after.metrics.to_dict()}
     if before is not None:
         report["before"] = before.metrics.to_dict()
@@ -56,6 +70,13 @@ def cmd_eval(args) -> int:
     else:
         m = after.metrics
         print(f"refusals {m.rates['refusals']}, over-refusals {m.rates['over_refusals']}")
+    if cap_before is not None:
+        retention = compare(cap_before, cap_after)
+        report["capability"] = retention.to_dict()
+        print(capability_table(retention))
+    elif cap_after is not None:
+        report["capability"] = {"accuracy": cap_after.accuracy.to_dict()}
+        print(f"capability ({len(cap_after.items)} items): {cap_after.accuracy}")
     if args.json:
         write_file(args.json, to_json(report))
     return 0
@@ -97,7 +118,7 @@ def mount(sub) -> None:
     p = sub.add_parser("eval", help="refusals, over-refusals and KL of a model, alone or against another",
                        description="Example: abliterate eval ./out --original ./model")
     add_options(p, EvalOptions)
-    add_options(p, RunConfig, MODEL + EVAL + ("force",))
+    add_options(p, RunConfig, MODEL + EVAL + CAPABILITY + ("force",))
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("verify-gguf", help="refusals, over-refusals and KL of a GGUF, run in llama.cpp itself",

@@ -39,6 +39,7 @@ from ..export.outputs import (
 from ..find.directions import Candidates, Direction
 from ..find.prompts import load_prompts
 from ..find.selection import Selection
+from ..measure.capability import Retention, compare
 from ..measure.evaluation import Evaluation, changes
 from ..measure.refusal import is_refusal
 from ..model import packaged
@@ -50,6 +51,7 @@ from ..search.study import SearchResult, run_search
 from ..show.report import run_report
 from ..show.tables import (
     ask_terminal,
+    capability_table,
     metrics_table,
     print_gguf,
     samples_text,
@@ -61,11 +63,13 @@ from .steps import (
     Timer,
     bake,
     candidates_from,
+    capability_items,
     chat_format,
     collect_pair,
     eval_sets,
     find_direction,
     load,
+    run_capability,
     run_eval,
     split,
     splits,
@@ -84,6 +88,7 @@ class RunResult:
     manifest: dict
     report: str  # report.html, self-contained
     search: SearchResult | None = None
+    capability: Retention | None = None  # with --capability
 
 
 def side_by_side(before: Evaluation, after: Evaluation) -> dict:
@@ -195,6 +200,7 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     sp = None if cfg.search else splits(cfg)
     if cfg.search:
         load_prompts(cfg.harmful, column=cfg.column), load_prompts(cfg.harmless, column=cfg.column)
+    cap = capability_items(cfg)
     to_gguf = is_gguf(out)
     if out is not None:  # before the slow load: the input itself as output, an existing output
         check_model_output(out, source, cfg.force, cfg.gguf_type)
@@ -209,11 +215,15 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
         direction, cands, selection = find_direction(loaded, layout, cfg, timer, sp)
     with timer("evaluate original"):
         before = run_eval(loaded, cfg, eval_harmful, eval_harmless)
+        cap_before = run_capability(loaded, cfg, cap) if cap else None
     with timer("orthogonalize"):
         edited = apply_ablation_(loaded.model, searched.ablation, layout) if searched else bake(loaded, layout, direction)
     with timer("evaluate edited"):
         after = run_eval(loaded, cfg, eval_harmful, eval_harmless, reference=before)
+        retention = compare(cap_before, run_capability(loaded, cfg, cap)) if cap else None
     manifest = manifest_for(loaded, cfg, direction, selection, before, after, edited, timer.stages)
+    if retention is not None:
+        manifest["capability"] = retention.to_dict()
     if searched:
         manifest["search"] = search_manifest(searched)
     report = run_report(source, direction, before, after, selection, timer.stages)
@@ -234,7 +244,7 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
 
             saved = save_model(loaded, out, manifest=manifest, extra=extra, shard_size=cfg.shard_size,
                                force=cfg.force)
-    return RunResult(direction, before, after, selection, saved, timer.stages, manifest, report, searched)
+    return RunResult(direction, before, after, selection, saved, timer.stages, manifest, report, searched, retention)
 
 
 def cmd_run(args) -> int:
@@ -249,6 +259,8 @@ def cmd_run(args) -> int:
     d = result.direction
     print(f"\ndirection: layer {d.layer}, position {d.position}, projected={d.projected}")
     print(metrics_table(result.before.metrics, result.after.metrics, changes(result.before, result.after)))
+    if result.capability:
+        print(capability_table(result.capability))
     print(samples_text(result.before, result.after))
     print("\ntimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
     write_report(args, result.report)

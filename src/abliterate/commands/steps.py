@@ -20,6 +20,8 @@ from ..find.activations import Activations, collect
 from ..find.directions import Candidates, Direction
 from ..find.prompts import ChatFormat, PromptSet, load_prompts, prompts_sha256
 from ..find.selection import Selection, select
+from ..measure import capability
+from ..measure.capability import Item, Scores, load_items, read_items
 from ..measure.evaluation import Evaluation, evaluate
 from ..model.arch import ArchSpec, Layout, check_layer, resolve
 from ..model.forward import first_param
@@ -163,6 +165,28 @@ def run_eval(loaded: Loaded, cfg: RunConfig, harmful: PromptSet, harmless: Promp
         harmful_prompts=list(harmful.prompts), harmless_prompts=list(harmless.prompts), reference=reference,
         max_new_tokens=cfg.max_new_tokens, kl_tokens=cfg.kl_tokens, batch_size=cfg.batch_size,
     )
+
+
+@dataclass
+class CapabilityItems:
+    """What `--capability` asks: the items, and the exemplars for few-shot prompts (None: zero-shot)."""
+
+    items: list[Item]
+    dev: list[Item] | None
+    shots: int
+
+
+def capability_items(cfg: RunConfig) -> CapabilityItems | None:
+    """The --capability items, read before the model loads (None when not asked)."""
+    if not cfg.capability:
+        return None
+    dev = read_items(cfg.capability_dev) if cfg.capability_dev else None
+    return CapabilityItems(load_items(cfg.capability, cfg.seed), dev, cfg.capability_shots if dev else 0)
+
+
+def run_capability(loaded: Loaded, cfg: RunConfig, cap: CapabilityItems) -> Scores:
+    return capability.score(loaded.model, loaded.tokenizer, cap.items, shots=cap.shots, dev_items=cap.dev,
+                 batch_size=cfg.batch_size, desc="capability")
 
 
 def bake(loaded: Loaded, layout: Layout, direction: Direction) -> list[str]:

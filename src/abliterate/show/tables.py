@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
+from ..measure.capability import Retention
 from ..measure.evaluation import Metrics
 from ..measure.inspection import LayerStats, TokenView
 from ..measure.stats import Paired
@@ -95,6 +96,17 @@ def metrics_table(before: Metrics, after: Metrics, change: dict[str, Paired] | N
 def _change(p: Paired) -> str:
     lo, hi = p.interval
     return f"{p.difference:+.0%} ({lo:+.0%} to {hi:+.0%}; p = {p.p_value:.2g})"
+
+
+def capability_table(r: Retention) -> str:
+    """Multiple-choice accuracy before and after, retention and the paired change, overall and per group."""
+    lo, hi = r.retention_interval
+    lines = [f"capability ({r.change.n} items): original {r.before}, edited {r.after}",
+             f"  retention {r.retention:.3f} (95% CI {lo:.3f}-{hi:.3f}); {len(r.lost)} lost, {len(r.gained)} gained; "
+             f"change {_change(r.change)}"]
+    for group, g in r.groups.items():
+        lines.append(f"  {group:<16} {str(g.before):<30} {str(g.after):<30} {_change(g.change)}")
+    return "\n".join(lines)
 
 
 def samples_text(before, after, n: int = 3) -> str:
