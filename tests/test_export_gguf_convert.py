@@ -24,10 +24,6 @@ def _tensor(path, name) -> np.ndarray:
     return gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(x) for x in reversed(t.shape)))
 
 
-def _llama_cpp():
-    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
-                               "'abliterate[llama]'; make test builds it)")
-
 
 def _variant(name: str, tokenizer):
     """Llama variants the tiny set lacks: biases everywhere (what steering bakes), and scaled rope."""
@@ -48,9 +44,9 @@ def _variant(name: str, tokenizer):
 
 @torch.no_grad()
 @pytest.mark.parametrize("arch", CONVERTIBLE + ["biases", "rope_llama3", "rope_linear"])
-def test_llama_cpp_runs_the_written_gguf_as_transformers_runs_the_model(arch, model_dirs, tokenizer, tmp_path):
+def test_llama_cpp_runs_the_written_gguf_as_transformers_runs_the_model(arch, model_dirs, tokenizer, tmp_path,
+                                                                       llama_cpp):
     """Same log-probabilities at every position (past the sliding window and the rope's original context)."""
-    llama_cpp = _llama_cpp()
     model = load_model(str(model_dirs[arch])).model if arch in model_dirs else _variant(arch, tokenizer)
     path = tmp_path / f"{arch}.gguf"
     write_gguf(model, tokenizer, path, qtype="F32")

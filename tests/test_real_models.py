@@ -266,17 +266,10 @@ def test_chat_one_shot_on_the_abliterated_model(demo, capsys):
 
 # --- llama.cpp (llama-cpp-python): GGUF outputs proven in the engine people run them in ---------------------
 
-def _llama_cpp():
-    try:
-        import llama_cpp  # noqa: F401
-    except Exception as e:
-        pytest.skip(f"llama-cpp-python is not installed ({e}); `make test` builds it (pip install '.[llama]')")
-
 
 @pytest.fixture(scope="module")
-def qwen_gguf_abliterated(demo, tmp_path_factory):
+def qwen_gguf_abliterated(llama_cpp, demo, tmp_path_factory):
     """The demo's direction baked into the reference GGUF (mixed Q5_0/Q8_0/Q4_K/Q6_K), GGUF to GGUF."""
-    _llama_cpp()
     out, _ = demo
     dst = tmp_path_factory.mktemp("qwen-gguf") / "qwen-abliterated.gguf"
     src = reference.fetch(reference.QWEN_CODER_05B)
@@ -313,9 +306,8 @@ def test_reference_gguf_refusals_drop_in_llama_cpp(qwen_gguf_abliterated, demo, 
     assert after["kl_first"] <= 0.25
 
 
-def test_control_vector_lowers_refusals_in_llama_cpp(demo, shared_prompts, tmp_path):
+def test_control_vector_lowers_refusals_in_llama_cpp(llama_cpp, demo, shared_prompts, tmp_path):
     """The refusal direction as a control vector, subtracted in llama.cpp at the layers around the chosen one."""
-    _llama_cpp()
     from abliterate.export.llamacpp import read_control_vector
     from abliterate.find.directions import Direction
 
@@ -339,9 +331,8 @@ def test_control_vector_lowers_refusals_in_llama_cpp(demo, shared_prompts, tmp_p
 
 
 @pytest.mark.parametrize("which", ["SMOLLM2_135M", "GEMMA3_270M"])
-def test_gguf_round_trip_loads_and_generates_in_llama_cpp(which, tmp_path):
+def test_gguf_round_trip_loads_and_generates_in_llama_cpp(llama_cpp, which, tmp_path):
     """Llama (Q4_1) and Gemma 3 (Q4_K_M, post-norm edits) GGUFs, edited GGUF to GGUF, run in llama.cpp."""
-    _llama_cpp()
     from abliterate.measure import llamacpp
 
     src = reference.fetch(getattr(reference, which))
@@ -359,9 +350,8 @@ def test_gguf_round_trip_loads_and_generates_in_llama_cpp(which, tmp_path):
     assert text.strip(), "no text generated"
 
 
-def test_lora_gguf_in_llama_cpp_matches_the_hf_edit(demo, qwen_dir, shared_prompts, tmp_path):
+def test_lora_gguf_in_llama_cpp_matches_the_hf_edit(llama_cpp, demo, qwen_dir, shared_prompts, tmp_path):
     """The rank-one LoRA (F32) on the untouched quantized GGUF: refusals as on the HF path, within 2."""
-    _llama_cpp()
     out, _ = demo
     hf = json.loads((out / "manifest.json").read_text())["metrics"]
     lora = tmp_path / "refusal-lora.gguf"
@@ -395,10 +385,9 @@ def test_french_concept_shifts_answers_on_the_reference_model(qwen_dir, tmp_path
 
 
 @pytest.mark.parametrize("which", ["qwen", "SMOLLM2_135M", "GEMMA3_270M"])
-def test_hf_model_written_as_gguf_answers_in_llama_cpp_as_in_transformers(which, qwen_dir, tmp_path):
+def test_hf_model_written_as_gguf_answers_in_llama_cpp_as_in_transformers(llama_cpp, which, qwen_dir, tmp_path):
     """HF -> GGUF (F16) for Qwen2 (a real HF directory, through `convert`), Llama and Gemma 3: llama.cpp
     tokenizes every prompt as transformers does and gives the same greedy answers."""
-    _llama_cpp()
     import gguf
 
     from abliterate.export.gguf_convert import write_gguf
