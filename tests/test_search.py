@@ -353,8 +353,15 @@ def test_search_on_the_evaluation_prompts(model_dirs):
     r = run(model_dirs["llama"], None, cfg)
     assert (r.search.n_harmful, r.search.n_harmless) == (5, 6)
     assert (r.after.metrics.n_harmful, r.after.metrics.n_harmless) == (5, 6)
+    splits = r.manifest["splits"]  # asked for, so not refused; but said: every report prompt scored the trials
+    assert splits["select"]["by"] == "--search-on eval" and splits["select"]["harmful"]["source"] == cfg.eval_harmful
+    assert (splits["overlap"], splits["overlap_with"]["fit"]) == (11, 0)
+    assert splits["overlap_allowed_by"] == "--search-on eval"
     held = run(model_dirs["llama"], None, replace(cfg, search_on="held-out", n_search=3))
     assert (held.search.n_harmful, held.search.n_harmless) == (3, 3)
+    splits = held.manifest["splits"]
+    assert (splits["select"]["by"], splits["select"]["harmful"]["n"]) == ("--n-search", 3)
+    assert splits["fit"]["harmful"]["n"] == 8 and splits["overlap"] == 0
 
 
 def test_run_search_to_gguf_saves_every_finalist_and_apply_bakes_one(capsys, tmp_path, model_dirs):

@@ -76,6 +76,9 @@ class RunConfig:
     # evaluation
     max_new_tokens: int = opt(32, "tokens generated per harmful evaluation prompt")
     kl_tokens: int = opt(16, "tokens of the original's answer over which KL is averaged (and harmless answers' length)")
+    allow_overlap: bool = opt(False, "go on when evaluation prompts are also prompts the edit was fitted or selected "
+                              "on (refused by default: such figures are not held out); the overlap is flagged in "
+                              "the output and recorded")
     capability: str | None = opt(None, "multiple-choice items that the original and the edited model both answer "
                                  "(JSON or JSONL of question, choices, answer; FILE:N for a stratified sample of "
                                  "N): accuracy of each, retention, items lost and gained, McNemar's p")

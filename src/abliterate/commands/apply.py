@@ -19,6 +19,7 @@ from ..export.files import (
     MANIFEST,
     check_output,
     manifest,
+    read_manifest,
     to_json,
     write_dir_atomic,
 )
@@ -90,6 +91,8 @@ def command(args) -> int:
     info = manifest("apply", opt.model, direction=direction.describe(), edited_tensors=edited)
     if opt.manifest:
         info["from_manifest"] = str(opt.manifest)
+        # the same edit, fitted and selected on the same prompts: eval checks its report set against them
+        info["splits"] = read_manifest(Path(opt.manifest), ("run", "apply")).get("splits")
     if search:
         info["search"] = {"chosen": search["chosen"], "ablation_file": ABLATION}
     if to_gguf:

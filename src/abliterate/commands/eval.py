@@ -1,13 +1,15 @@
 """`abliterate eval` (refusals, over-refusals and KL in transformers) and `abliterate verify-gguf` (the same in
 llama.cpp itself).
 
-eval:        1. prompts  2. load the original (or use hooks)  3. evaluate it  4. evaluate the edited model
+eval:        1. prompts, checked against the fit and select sets the edit's manifest recorded  2. load the
+             original (or use hooks)  3. evaluate it  4. evaluate the edited model
 verify-gguf: 1. prompts  2. the GGUF's tokenizer and template  3. answers and next-token logits in llama.cpp
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -15,9 +17,19 @@ from transformers import AutoTokenizer
 from ..config import EvalOptions, RunConfig, VerifyOptions
 from ..edit.project import ablated
 from ..errors import AbliterateError
-from ..export.files import to_json, write_file
+from ..export.files import (
+    DIRECTION,
+    MANIFEST,
+    companion,
+    read_manifest,
+    to_json,
+    write_file,
+)
 from ..export.llamacpp import read_control_vector
+from ..export.outputs import is_gguf
 from ..find.directions import Direction
+from ..find.prompts import PromptSet
+from ..find.splits import check_overlap, overlap, recorded
 from ..measure import llamacpp
 from ..measure.capability import compare
 from ..measure.evaluation import changes
@@ -31,7 +43,51 @@ from .steps import (
     load,
     run_capability,
     run_eval,
+    warn_overlap,
 )
+
+log = logging.getLogger(__name__)
+
+
+def edit_manifests(model: str, direction: str | None) -> list[Path]:
+    """The manifests that describe the edit under evaluation: MODEL's own when it is an abliterate output
+    (manifest.json inside it, or NAME.manifest.json beside NAME.gguf), and the one beside a --direction file
+    (a run's direction.safetensors, or NAME.direction.safetensors beside a GGUF output)."""
+    m = Path(model).expanduser()
+    paths = [m / MANIFEST if m.is_dir() else companion(m, MANIFEST) if is_gguf(m) else None]
+    if direction:
+        d = Path(direction).expanduser()
+        paths.append(d.with_name(d.name[: -len(DIRECTION)] + MANIFEST) if d.name.endswith(DIRECTION) else None)
+    return list(dict.fromkeys(p for p in paths if p is not None and p.is_file()))
+
+
+def report_overlap(cfg, model: str, direction: str | None, harmful: PromptSet, harmless: PromptSet) -> dict:
+    """Step 1's check, before any model loads: the report prompts against the fit and select fingerprints the
+    edit's manifests recorded; an overlap is refused unless --allow-overlap, and then said loudly. For the JSON:
+    which manifests were read and the overlap (None: no manifest recorded the sets, nothing to check)."""
+    fit, select, sources, found = set(), set(), [], []
+    for path in edit_manifests(model, direction):
+        try:
+            rec = recorded(read_manifest(path, ("run", "apply", "induce", "steer", "adapter")), path)
+        except AbliterateError as e:
+            if not cfg.allow_overlap:
+                raise AbliterateError(f"{e}; an edit's manifest is read to check that the evaluation prompts are "
+                                      f"held out: fix or remove it, or pass --allow-overlap to skip the check") from e
+            log.warning("warning: %s; the overlap with its prompts is not checked (--allow-overlap)", e)
+            continue
+        if rec is None:  # a manifest from before splits were recorded, or of an edit without prompt sets
+            continue
+        fit |= rec[0]
+        select |= rec[1]
+        sources.append(f"{rec[2]}, recorded in {path}")
+        found.append(str(path))
+    if not found:
+        return {"manifests": [], "overlap": None}
+    ov = check_overlap(overlap(harmful.prompts + harmless.prompts, fit, select), allow=cfg.allow_overlap,
+                       report=f"--eval-harmful {cfg.eval_harmful}, --eval-harmless {cfg.eval_harmless}",
+                       against="; ".join(sources))
+    warn_overlap(ov)
+    return {"manifests": found, "n_report": ov.n_report, **ov.to_dict()}
 
 
 def cmd_eval(args) -> int:
@@ -42,6 +98,8 @@ def cmd_eval(args) -> int:
     cap_before = cap_after = None
     if args.direction and args.original:
         raise AbliterateError("give --direction (hooks on MODEL) or --original (compare two models), not both")
+    splits = report_overlap(cfg, args.model, args.direction, harmful, harmless)
+    note = splits.get("overlap_note")
     direction = Direction.load(args.direction) if args.direction else None
     before = None
     if args.original:
@@ -60,16 +118,17 @@ def cmd_eval(args) -> int:
     else:
         after = run_eval(loaded, cfg, harmful, harmless, reference=before)
         cap_after = run_capability(loaded, cfg, cap) if cap else None
-    report = {"model": args.model, "after": after.metrics.to_dict()}
+    report = {"model": args.model, "after": after.metrics.to_dict(), "splits": splits}
     if before is not None:
         report["before"] = before.metrics.to_dict()
         change = changes(before, after)
         report["change"] = {k: p.to_dict() for k, p in change.items()}
-        print(metrics_table(before.metrics, after.metrics, change))
+        print(metrics_table(before.metrics, after.metrics, change, note))
         print(samples_text(before, after))
     else:
         m = after.metrics
-        print(f"refusals {m.rates['refusals']}, over-refusals {m.rates['over_refusals']}")
+        print(f"refusals {m.rates['refusals']}, over-refusals {m.rates['over_refusals']}" + (f" {note}: in-sample, "
+              f"not held out" if note else ""))
     if cap_before is not None:
         retention = compare(cap_before, cap_after)
         report["capability"] = retention.to_dict()
@@ -118,7 +177,7 @@ def mount(sub) -> None:
     p = sub.add_parser("eval", help="refusals, over-refusals and KL of a model, alone or against another",
                        description="Example: abliterate eval ./out --original ./model")
     add_options(p, EvalOptions)
-    add_options(p, RunConfig, MODEL + EVAL + CAPABILITY + ("force",))
+    add_options(p, RunConfig, MODEL + EVAL + CAPABILITY + ("force", "allow_overlap"))
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("verify-gguf", help="refusals, over-refusals and KL of a GGUF, run in llama.cpp itself",

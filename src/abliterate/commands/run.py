@@ -37,8 +37,8 @@ from ..export.outputs import (
     search_manifest,
 )
 from ..find.directions import Candidates, Direction
-from ..find.prompts import load_prompts
 from ..find.selection import Selection
+from ..find.splits import Overlap
 from ..measure.capability import Retention, compare
 from ..measure.evaluation import Evaluation, changes
 from ..measure.refusal import is_refusal
@@ -60,18 +60,20 @@ from ..show.tables import (
 )
 from .options import ALL, add_options, run_config
 from .steps import (
+    Splits,
     Timer,
     bake,
     candidates_from,
     capability_items,
     chat_format,
+    checked_splits,
     collect_pair,
     eval_sets,
     find_direction,
     load,
     run_capability,
     run_eval,
-    split,
+    split_record,
     splits,
     write_report,
 )
@@ -89,6 +91,7 @@ class RunResult:
     report: str  # report.html, self-contained
     search: SearchResult | None = None
     capability: Retention | None = None  # with --capability
+    overlap: Overlap | None = None  # of the report set with the fit and select sets
 
 
 def side_by_side(before: Evaluation, after: Evaluation) -> dict:
@@ -102,7 +105,7 @@ def side_by_side(before: Evaluation, after: Evaluation) -> dict:
 
 
 def manifest_for(loaded: Loaded, cfg: RunConfig, direction: Direction, selection: Selection | None,
-                 before: Evaluation, after: Evaluation, edited: list[str], timings: dict) -> dict:
+                 before: Evaluation, after: Evaluation, edited: list[str], timings: dict, splits: dict) -> dict:
     return manifest(
         "run", loaded.source,
         direction=direction.describe(),
@@ -112,6 +115,7 @@ def manifest_for(loaded: Loaded, cfg: RunConfig, direction: Direction, selection
         selection_note=selection.note if selection else None,
         metrics={"before": before.metrics.to_dict(), "after": after.metrics.to_dict(),
                  "change": {k: p.to_dict() for k, p in changes(before, after).items()}},
+        splits=splits,
         samples=[{"prompt": a["prompt"], "before": a["response"], "after": b["response"]}
                  for a, b in zip(before.samples(3), after.samples(3))],
         timings_s=timings,
@@ -136,17 +140,13 @@ class SearchSetup:
     fingerprint: str  # model, prompts (the search's as formatted: template and system prompt included)
 
 
-def search_setup(loaded: Loaded, cfg: RunConfig, timer: Timer) -> SearchSetup:
+def search_setup(loaded: Loaded, cfg: RunConfig, timer: Timer, sp: Splits) -> SearchSetup:
     """Steps 2-4 of a search: activations of the direction prompts, and the original on the prompts that score
-    trials (held out of the direction prompts, or the evaluation prompts with --search-on eval)."""
+    trials (`sp`: held out of the direction prompts, or the evaluation prompts with --search-on eval, Heretic's
+    way)."""
     fmt, tok = chat_format(cfg), loaded.tokenizer
-    held_out = 0 if cfg.search_on == "eval" else cfg.n_search
-    harmful, harmful_search = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train, held_out, cfg.seed,
-                                    "--n-search")
-    harmless, harmless_search = split(load_prompts(cfg.harmless, column=cfg.column), cfg.n_train, held_out,
-                                      cfg.seed, "--n-search")
-    if cfg.search_on == "eval":  # Heretic's way: trials are scored on the prompts the evaluation reports
-        harmful_search, harmless_search = (list(s.prompts) for s in eval_sets(cfg))
+    harmful, harmful_search = sp.harmful_train, sp.harmful_select
+    harmless, harmless_search = sp.harmless_train, sp.harmless_select
     options = parse_options(cfg.search_options)
     positions = "all" if "position" in options else "last"
     with timer("activations"):
@@ -163,10 +163,10 @@ def search_setup(loaded: Loaded, cfg: RunConfig, timer: Timer) -> SearchSetup:
     return SearchSetup(cands, source, probe, options, fingerprint)
 
 
-def search_edit(loaded: Loaded, layout: Layout, cfg: RunConfig, timer: Timer, out: str | Path | None
+def search_edit(loaded: Loaded, layout: Layout, cfg: RunConfig, timer: Timer, out: str | Path | None, sp: Splits
                 ) -> tuple[Direction, Candidates, SearchResult]:
     """Steps 2-5 and the edit's parameters, by search: held-out prompts score every trial."""
-    setup = search_setup(loaded, cfg, timer)
+    setup = search_setup(loaded, cfg, timer, sp)
     cands = setup.cands
     with timer("search"):
         result = run_search(
@@ -195,11 +195,11 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     cfg = (cfg or RunConfig()).check()
     timer = Timer()
     torch.manual_seed(cfg.seed)
-    # bad prompt files fail before the model loads
-    eval_harmful, eval_harmless = eval_sets(cfg)
-    sp = None if cfg.search else splits(cfg)
-    if cfg.search:
-        load_prompts(cfg.harmful, column=cfg.column), load_prompts(cfg.harmless, column=cfg.column)
+    # bad prompt files, and a report set that is not held out, fail before the model loads
+    report_sets = eval_harmful, eval_harmless = eval_sets(cfg)
+    sp = splits(cfg, report_sets)
+    split_rec = split_record(cfg, sp, report_sets)
+    overlap = checked_splits(cfg, split_rec)
     cap = capability_items(cfg)
     to_gguf = is_gguf(out)
     if out is not None:  # before the slow load: the input itself as output, an existing output
@@ -210,7 +210,7 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
         check_loaded_output(out, loaded, cfg.force)
     selection = searched = None
     if cfg.search:
-        direction, cands, searched = search_edit(loaded, layout, cfg, timer, out)
+        direction, cands, searched = search_edit(loaded, layout, cfg, timer, out, sp)
     else:
         direction, cands, selection = find_direction(loaded, layout, cfg, timer, sp)
     with timer("evaluate original"):
@@ -221,12 +221,13 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     with timer("evaluate edited"):
         after = run_eval(loaded, cfg, eval_harmful, eval_harmless, reference=before)
         retention = compare(cap_before, run_capability(loaded, cfg, cap)) if cap else None
-    manifest = manifest_for(loaded, cfg, direction, selection, before, after, edited, timer.stages)
+    manifest = manifest_for(loaded, cfg, direction, selection, before, after, edited, timer.stages,
+                            split_rec.to_dict(overlap))
     if retention is not None:
         manifest["capability"] = retention.to_dict()
     if searched:
         manifest["search"] = search_manifest(searched)
-    report = run_report(source, direction, before, after, selection, timer.stages)
+    report = run_report(source, direction, before, after, selection, timer.stages, note=overlap.note())
     saved = None
     if to_gguf:
         with timer("save"):
@@ -244,7 +245,8 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
 
             saved = save_model(loaded, out, manifest=manifest, extra=extra, shard_size=cfg.shard_size,
                                force=cfg.force)
-    return RunResult(direction, before, after, selection, saved, timer.stages, manifest, report, searched, retention)
+    return RunResult(direction, before, after, selection, saved, timer.stages, manifest, report, searched, retention,
+                     overlap)
 
 
 def cmd_run(args) -> int:
@@ -258,7 +260,8 @@ def cmd_run(args) -> int:
         print(selection_table(result.selection))
     d = result.direction
     print(f"\ndirection: layer {d.layer}, position {d.position}, projected={d.projected}")
-    print(metrics_table(result.before.metrics, result.after.metrics, changes(result.before, result.after)))
+    print(metrics_table(result.before.metrics, result.after.metrics, changes(result.before, result.after),
+                        result.overlap.note() if result.overlap else None))
     if result.capability:
         print(capability_table(result.capability))
     print(samples_text(result.before, result.after))

@@ -238,5 +238,5 @@ def mount(sub) -> None:
     p = sub.add_parser("induce", help="a model that refuses everything, coherently (refusal direction as a bias)",
                        description="Example: abliterate induce ./model -o ./refuses-everything")
     add_options(p, InduceOptions)
-    add_options(p, RunConfig, ALL)
+    add_options(p, RunConfig, tuple(n for n in ALL if n != "allow_overlap"))  # induce checks no overlap
     p.set_defaults(func=cmd_induce)

@@ -20,6 +20,7 @@ from ..find.activations import Activations, collect
 from ..find.directions import Candidates, Direction
 from ..find.prompts import ChatFormat, PromptSet, load_prompts, prompts_sha256
 from ..find.selection import Selection, select
+from ..find.splits import Overlap, Role, SplitRecord, check_overlap
 from ..measure import capability
 from ..measure.capability import Item, Scores, load_items, read_items
 from ..measure.evaluation import Evaluation, evaluate
@@ -109,18 +110,60 @@ def compute_candidates(loaded: Loaded, fmt: ChatFormat, harmful: list[str], harm
 
 @dataclass
 class Splits:
-    """Training prompts make the candidates; held-out ones score them."""
+    """Training prompts make the candidates; held-out ones score them (or a search's trials)."""
 
     harmful_train: list[str]
     harmful_select: list[str]
     harmless_train: list[str]
     harmless_select: list[str]
+    select_by: str = "--n-select"  # the options that chose the select prompts
 
 
-def splits(cfg: RunConfig) -> Splits:
-    harmful = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train, cfg.n_select, cfg.seed)
-    harmless = split(load_prompts(cfg.harmless, column=cfg.column), cfg.n_train, cfg.n_select, cfg.seed)
-    return Splits(harmful[0], harmful[1], harmless[0], harmless[1])
+def splits(cfg: RunConfig, report: tuple[PromptSet, PromptSet] | None = None) -> Splits:
+    """The fit and select prompts of --harmful and --harmless: the first --n-select (a search: --n-search) after
+    one shuffle score, the next --n-train fit. With --search --search-on eval the report set (`report`, the
+    evaluation prompts) scores the trials, and nothing is held out of the fit prompts for it."""
+    held, by = (cfg.n_search, "--n-search") if cfg.search else (cfg.n_select, "--n-select")
+    if cfg.search and cfg.search_on == "eval":
+        held, by = 0, "--search-on eval"
+    harmful = split(load_prompts(cfg.harmful, column=cfg.column), cfg.n_train, held, cfg.seed, by)
+    harmless = split(load_prompts(cfg.harmless, column=cfg.column), cfg.n_train, held, cfg.seed, by)
+    sp = Splits(harmful[0], harmful[1], harmless[0], harmless[1], by)
+    if held == 0 and cfg.search:
+        report = report or eval_sets(cfg)
+        sp.harmful_select, sp.harmless_select = (list(s.prompts) for s in report)
+    return sp
+
+
+def split_record(cfg: RunConfig, sp: Splits, report: tuple[PromptSet, PromptSet]) -> SplitRecord:
+    """The three sets of a run, for its manifest and the overlap check (find.splits)."""
+    train = (cfg.harmful, cfg.harmless)
+    evals = (cfg.eval_harmful, cfg.eval_harmless)
+    fit = Role("--harmful/--harmless, --n-train, --seed", train, tuple(sp.harmful_train), tuple(sp.harmless_train))
+    select = None
+    if cfg.search or cfg.layer is None:  # --layer: nothing selects
+        sources = evals if sp.select_by == "--search-on eval" else train
+        select = Role(sp.select_by, sources, tuple(sp.harmful_select), tuple(sp.harmless_select))
+    by = "--eval-harmful/--eval-harmless, --n-eval-harmful/--n-eval-harmless"
+    return SplitRecord(fit, select, Role(by, evals, report[0].prompts, report[1].prompts))
+
+
+def checked_splits(cfg: RunConfig, rec: SplitRecord) -> Overlap:
+    """The run's overlap, refused unless --allow-overlap (or, for the select set only, --search-on eval); a loud
+    line on stderr when it goes on."""
+    ov = check_overlap(
+        rec.overlap(), allow=cfg.allow_overlap,
+        report=f"--eval-harmful {cfg.eval_harmful}, --eval-harmless {cfg.eval_harmless}",
+        against=f"--harmful {cfg.harmful}, --harmless {cfg.harmless} with --seed {cfg.seed}",
+        select_by_request=cfg.search and cfg.search_on == "eval")
+    warn_overlap(ov)
+    return ov
+
+
+def warn_overlap(ov: Overlap) -> None:
+    if ov.prompts:
+        log.warning("warning: %d of the %d report prompts are also fit or select prompts (%s): the figures below "
+                    "are in-sample, not held out", ov.prompts, ov.n_report, ov.allowed_by)
 
 
 def pick_direction(loaded: Loaded, layout: Layout, cands: Candidates, sp: Splits, cfg: RunConfig

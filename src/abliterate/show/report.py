@@ -16,7 +16,8 @@ def _fmt(x: float | None) -> str:
 
 
 def run_report(model: str, direction, before: Evaluation, after: Evaluation, selection: Selection | None,
-               timings: dict[str, float], n_pairs: int = N_PAIRS) -> str:
+               timings: dict[str, float], n_pairs: int = N_PAIRS, note: str | None = None) -> str:
+    """`note`: what the figures are not (find.splits.Overlap.note), shown with the run's facts."""
     b, a = before.metrics, after.metrics
     metrics = (["", "original", "abliterated"], [
         ["refusals (harmful prompts)", str(b.rates["refusals"]), str(a.rates["refusals"])],
@@ -27,6 +28,8 @@ def run_report(model: str, direction, before: Evaluation, after: Evaluation, sel
     info = {"model": model, "direction layer": direction.layer, "position": direction.position,
             "projected": direction.projected, "mean difference norm": f"{direction.scale:.3f}",
             "wall time": ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())}
+    if note:
+        info["evaluation prompts"] = f"{note}: these figures are in-sample, not held out"
     images, tables = [], []
     if selection is not None:
         images.append(("Selection scores", plot_selection(selection.scores, direction.layer)))

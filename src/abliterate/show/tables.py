@@ -80,15 +80,18 @@ def render_terminal(view: TokenView, console=None) -> None:
     console.print(text)
 
 
-def metrics_table(before: Metrics, after: Metrics, change: dict[str, Paired] | None = None) -> str:
+def metrics_table(before: Metrics, after: Metrics, change: dict[str, Paired] | None = None,
+                  note: str | None = None) -> str:
     """Counts with their n and 95% Wilson interval, before and after; with `change` (the same prompts), the
-    paired difference and McNemar's p, which says whether it is outside the noise of this many prompts."""
+    paired difference and McNemar's p, which says whether it is outside the noise of this many prompts. `note`
+    heads the table: what the figures are not (find.splits.Overlap.note: not held out)."""
     rows = [(label, str(before.rates[key]), str(after.rates[key]), _change(change[key]) if change else "")
             for label, key in (("refusals (harmful)", "refusals"), ("over-refusals (harmless)", "over_refusals"))]
     rows += [("KL first token", "0", f"{after.kl_first:.4f}" if after.kl_first is not None else "-", ""),
              ("KL continuation", "0", f"{after.kl_continuation:.4f}" if after.kl_continuation is not None else "-",
               "")]
-    lines = [f"{'':26}{'original':<30}{'edited':<30}" + ("change, paired (95% CI; McNemar p)" if change else "")]
+    lines = [f"report set {note}: these figures are in-sample, not held out"] if note else []
+    lines += [f"{'':26}{'original':<30}{'edited':<30}" + ("change, paired (95% CI; McNemar p)" if change else "")]
     lines += [f"{a:26}{b:<30}{c:<30}{d}".rstrip() for a, b, c, d in rows]
     return "\n".join(lines)
 
