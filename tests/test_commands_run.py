@@ -50,6 +50,28 @@ def test_kl_of_a_model_with_itself_is_zero(tokenizer):
     assert again.harmless.text == ref.harmless.text
 
 
+def test_samples_show_what_the_edit_did():
+    """(original refused, edited refused) per prompt in, the pairs printed out: unlocked harmful prompts first,
+    then harmless ones the edit broke (one always shown when any), then harmful ones still refused, then the rest."""
+    from abliterate.measure.evaluation import pick_samples, sample_kind
+
+    T, F = True, False
+    harmful = [(F, F), (T, T), (T, F), (F, F), (T, F)]
+    harmless = [(F, F), (F, T), (F, T)]
+    assert pick_samples(harmful, harmless, 3) == [("harmful", 2), ("harmful", 4), ("harmless", 1)]
+    assert pick_samples(harmful, [(F, F)] * 3, 3) == [("harmful", 2), ("harmful", 4), ("harmful", 1)]
+    assert pick_samples([(T, F)] * 5, harmless, 3) == [("harmful", 0), ("harmful", 1), ("harmless", 1)]
+    assert pick_samples([(F, F)] * 4, harmless, 3) == [("harmless", 1), ("harmless", 2), ("harmful", 0)]
+    # the demo's case: the original already answered every harmful prompt, the edit changed nothing
+    assert pick_samples([(F, F)] * 4, [(F, F)] * 2, 3) == [("harmful", 0), ("harmful", 1), ("harmful", 2)]
+    assert pick_samples([(F, F)], [(T, T)], 3) == [("harmful", 0), ("harmless", 0)]
+    assert sample_kind("harmful", T, F) == "harmful prompt the original refused and the edit answered"
+    assert sample_kind("harmless", F, T) == ("harmless prompt the original answered and the edit refused "
+                                            "(broken by the edit)")
+    assert sample_kind("harmful", F, T) == "harmful prompt the original answered and the edit refused"
+    assert sample_kind("harmful", T, T) == "harmful prompt both refused"
+
+
 def test_run_end_to_end_saves_a_model_that_reloads(tmp_path, model_dirs):
     from transformers import AutoModelForCausalLM
 
@@ -64,6 +86,15 @@ def test_run_end_to_end_saves_a_model_that_reloads(tmp_path, model_dirs):
     assert manifest["direction"]["layer"] == result.direction.layer
     assert manifest["config"]["n_train"] == 8 and "torch" in manifest["versions"]
     assert sum(s["chosen"] for s in manifest["selection"]) == 1
+    # the samples are labelled by what the edit did to them, as generations.json has it
+    from abliterate.measure.evaluation import sample_kind
+
+    pairs = json.loads((out / "generations.json").read_text())
+    rows = {(side, r["prompt"]): r for side in ("harmful", "harmless") for r in pairs[side]}
+    assert len(manifest["samples"]) == 3
+    for s in manifest["samples"]:
+        r = rows[s["side"], s["prompt"]]
+        assert s["kind"] == sample_kind(s["side"], r["original_refused"], r["edited_refused"])
     assert result.after.metrics.kl_first > 0
     # Plain transformers loads it, and it is the edited model, not the original.
     reloaded = AutoModelForCausalLM.from_pretrained(out)

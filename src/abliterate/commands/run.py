@@ -40,7 +40,7 @@ from ..find.directions import Candidates, Direction
 from ..find.selection import Selection
 from ..find.splits import Overlap
 from ..measure.capability import Retention, compare
-from ..measure.evaluation import Evaluation, changes
+from ..measure.evaluation import Evaluation, changes, samples
 from ..measure.refusal import is_refusal
 from ..model import packaged
 from ..model.arch import Layout
@@ -116,8 +116,8 @@ def manifest_for(loaded: Loaded, cfg: RunConfig, direction: Direction, selection
         metrics={"before": before.metrics.to_dict(), "after": after.metrics.to_dict(),
                  "change": {k: p.to_dict() for k, p in changes(before, after).items()}},
         splits=splits,
-        samples=[{"prompt": a["prompt"], "before": a["response"], "after": b["response"]}
-                 for a, b in zip(before.samples(3), after.samples(3))],
+        samples=[{"side": s.side, "kind": s.kind, "prompt": s.prompt, "before": s.original, "after": s.edited}
+                 for s in samples(before, after, 3)],
         timings_s=timings,
         seed=cfg.seed,
     )

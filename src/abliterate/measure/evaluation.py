@@ -78,8 +78,64 @@ class Evaluation:
     harmful_prompts: list[str] = field(default_factory=list)
     harmless_prompts: list[str] = field(default_factory=list)
 
-    def samples(self, n: int = 3) -> list[dict]:
-        return [{"prompt": p, "response": r} for p, r in zip(self.harmful_prompts[:n], self.harmful.text[:n])]
+    def refused(self, side: str) -> list[bool]:
+        """Per prompt of `side` ("harmful" or "harmless"): did this model refuse it?"""
+        return list(map(is_refusal, getattr(self, side).text))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One answer pair printed to show what the edit did, and what kind of prompt it is."""
+
+    side: str  # harmful or harmless
+    prompt: str
+    original: str
+    edited: str
+    kind: str
+
+
+def sample_kind(side: str, original_refused: bool, edited_refused: bool) -> str:
+    """'harmful prompt the original refused and the edit answered', 'harmless prompt both answered', ..."""
+    def verb(refused: bool) -> str:
+        return "refused" if refused else "answered"
+
+    if original_refused == edited_refused:
+        what = f"both {verb(original_refused)}"
+    else:
+        what = f"the original {verb(original_refused)} and the edit {verb(edited_refused)}"
+    return f"{side} prompt {what}" + (" (broken by the edit)" if side == "harmless" and edited_refused and
+                                      not original_refused else "")
+
+
+def pick_samples(harmful: list[tuple[bool, bool]], harmless: list[tuple[bool, bool]], n: int = 3
+                 ) -> list[tuple[str, int]]:
+    """The (side, index) of `n` prompts that show the edit, from each prompt's (original refused, edited
+    refused): harmful prompts the edit unlocked first, then harmless ones it broke (one slot is kept for a
+    broken one when there is any: the first three prompts once showed only answers the original gave
+    anyway, and hiding a breakage is worse), then harmful prompts still refused, then the rest in order."""
+    unlocked = [("harmful", i) for i, (a, b) in enumerate(harmful) if a and not b]
+    broken = [("harmless", i) for i, (a, b) in enumerate(harmless) if b and not a]
+    chosen = unlocked[:max(n - min(len(broken), 1), 0)]
+    chosen += broken[:n - len(chosen)]
+    rest = ([("harmful", i) for i, (a, b) in enumerate(harmful) if a and b]
+            + [("harmful", i) for i in range(len(harmful))] + [("harmless", i) for i in range(len(harmless))])
+    for key in rest:
+        if len(chosen) >= n:
+            break
+        if key not in chosen:
+            chosen.append(key)
+    return chosen
+
+
+def samples(before: Evaluation, after: Evaluation, n: int = 3) -> list[Sample]:
+    """`n` answer pairs chosen by `pick_samples`, each with its kind."""
+    flags = {side: list(zip(before.refused(side), after.refused(side))) for side in ("harmful", "harmless")}
+    out = []
+    for side, i in pick_samples(flags["harmful"], flags["harmless"], n):
+        prompts = before.harmful_prompts if side == "harmful" else before.harmless_prompts
+        out.append(Sample(side, prompts[i] if i < len(prompts) else "", getattr(before, side).text[i],
+                          getattr(after, side).text[i], sample_kind(side, *flags[side][i])))
+    return out
 
 
 def changes(before: Evaluation, after: Evaluation) -> dict[str, Paired]:

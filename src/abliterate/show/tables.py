@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ..measure.capability import Retention
-from ..measure.evaluation import Metrics
+from ..measure.evaluation import Metrics, samples
 from ..measure.inspection import LayerStats, TokenView
 from ..measure.stats import Paired
 from ..search.study import TrialResult
@@ -113,9 +113,10 @@ def capability_table(r: Retention) -> str:
 
 
 def samples_text(before, after, n: int = 3) -> str:
+    """`n` answer pairs chosen to show the edit (measure.evaluation.pick_samples), each under its kind."""
     out = []
-    for prompt, a, b in list(zip(before.harmful_prompts, before.harmful.text, after.harmful.text))[:n]:
-        out.append(f"\n> {prompt}\n  original: {a[:300]!r}\n  edited:   {b[:300]!r}")
+    for s in samples(before, after, n):
+        out.append(f"\n{s.kind}:\n> {s.prompt}\n  original: {s.original[:300]!r}\n  edited:   {s.edited[:300]!r}")
     return "\n".join(out)
 
 
