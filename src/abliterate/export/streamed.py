@@ -249,6 +249,7 @@ def save_streamed(skel: Skeleton, ablation: Ablation, out: str | Path, *, manife
                   force: bool = False) -> Path:
     """Write `skel`'s checkpoint with `ablation` baked in to `out`, shard by shard, atomically; with the config,
     generation config, tokenizer and `manifest.json` as `export.hf.save_model` writes them, and `extra(tmp_dir)`.
+    Unties `skel`'s head in place when the embedding is edited, as `apply_ablation_` does to a model.
 
     The shards keep the input's names and contents (--shard-size does not apply); a tied head,
     untied because the embedding is edited, joins the embedding's shard.
