@@ -184,6 +184,18 @@ def assert_clean_error(code, err, match, *must_not_exist):
         assert not path.exists(), f"{path} was written"
 
 
+def random_ablation(layout, k=2, norm="none", embed=0.7, seed=0):
+    """A weighted ablation with every kind of weight: k-dimensional bases, 0, below and above 1, an embedding's."""
+    from abliterate.edit.weighted import Ablation
+
+    g = torch.Generator().manual_seed(seed)
+    L, H = layout.n_layers, layout.hidden_size
+    bases = torch.linalg.qr(torch.randn(L, H, k, generator=g)).Q.transpose(1, 2).contiguous()  # (L, k, H)
+    attn = torch.tensor([1.3, 0.0, 0.6, 1.0] * L)[:L]
+    mlp = torch.tensor([0.5, 1.0, 1.5, 0.0] * L)[:L]
+    return Ablation(bases, attn, mlp, bases[0].clone(), embed, norm)
+
+
 def inputs(tokenizer):
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
              for t in ("How do I bake bread?", "Tell me about the history of Rome and its emperors.")]

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import ARCHS, GEMMA, assert_clean_error, inputs, make_model, run_cli
+from conftest import ARCHS, GEMMA, assert_clean_error, inputs, make_model, random_ablation, run_cli
 
 from abliterate import AbliterateError, resolve
 from abliterate.edit.weighted import Ablation, ablating, apply_ablation_
@@ -25,15 +25,6 @@ from abliterate.search.space import (
 from abliterate.search.study import TrialResult, choose, pareto, run_search
 
 PLAIN = [a for a in ARCHS if a not in GEMMA and a != "qwen3_moe"]
-
-
-def random_ablation(layout, k=2, norm="none", embed=0.7, seed=0) -> Ablation:
-    g = torch.Generator().manual_seed(seed)
-    L, H = layout.n_layers, layout.hidden_size
-    bases = torch.linalg.qr(torch.randn(L, H, k, generator=g)).Q.transpose(1, 2).contiguous()  # (L, k, H)
-    attn = torch.tensor([1.3, 0.0, 0.6, 1.0] * L)[:L]
-    mlp = torch.tensor([0.5, 1.0, 1.5, 0.0] * L)[:L]
-    return Ablation(bases, attn, mlp, bases[0].clone(), embed, norm)
 
 
 @pytest.mark.parametrize("norm", ["none", "row", "column"])

@@ -196,6 +196,11 @@ class ApplyOptions:
                       "directory", flags=("-o", "--output"), required=True, output="model")
     adapter: bool = opt(False, "write the edit as a LoRA adapter (rank 1 per writer, exact) instead of a whole "
                         "model: a PEFT directory, or a llama.cpp LoRA when -o ends in .gguf")
+    stream: bool = opt(False, "bake shard by shard without loading the model, for models bigger than memory: "
+                       "each safetensors shard of MODEL (a local directory) is read, edited and written in turn, peak "
+                       "memory about one shard plus one edited tensor; the same weights as without it, bit for bit "
+                       "(same --dtype and --device), the input's shards (not --shard-size), and no forward-pass check "
+                       "of the edit")
 
 
 @dataclass

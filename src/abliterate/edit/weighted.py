@@ -22,7 +22,7 @@ there the hooks used in a trial approximate the bake; norm preservation is refus
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -180,33 +180,84 @@ def _input_hook(col):
     return hook
 
 
+@dataclass
+class WriterEdit:
+    """What the bake does to every writer of one component: W' = W - w U^T U W along the residual axis, then the
+    norm-preserving scale. One function for every writer's tensor, so a bake in memory (`apply_ablation_`) and one
+    that streams the checkpoint's shards (`export.streamed`) write the same bits."""
+
+    basis: torch.Tensor  # (k, H) float32, orthonormal; behind a post-norm, the basis seen through its scale
+    weight: float
+    norm: str = "none"
+    scales: torch.Tensor | None = None  # (H,) for "row", (in,) for "column"; from the component's matrix
+
+    def __call__(self, w: torch.Tensor, out_dim: int) -> torch.Tensor:
+        """`w` edited: computed in float32 on `w`'s device, returned in `w`'s dtype (`out_dim`: its residual axis)."""
+        wm = w.movedim(out_dim, -1).float()  # (..., H)
+        wm = project(wm, self.basis.to(wm.device), self.weight)
+        if self.norm == "row":
+            wm = wm * self.scales.to(wm.device)
+        elif self.norm == "column" and w.dim() >= 2:  # a bias has no input features to scale
+            wm = wm * self.scales.to(wm.device).reshape(wm.shape[:-1]).unsqueeze(-1)
+        return wm.movedim(-1, out_dim).to(w.dtype)
+
+
+def writer_edits(ablation: Ablation, layout: Layout, matrix=None) -> list[tuple[list[Writer], WriterEdit]]:
+    """Every component the bake edits: its writers, and the edit they all get.
+
+    A writer behind a post-norm (Gemma) is edited against its basis seen through the norm's
+    scale, re-orthonormalised. Norm preservation needs the component's matrix: `matrix(writer)`
+    gives its weights (default: the parameter itself; the streamed bake reads them from disk).
+    """
+    ablation.check(layout)
+    out = []
+    for _, writers, basis, weight, scale in _groups(ablation, layout):
+        u = basis.float()
+        if scale is not None:
+            u = torch.linalg.qr((u * scale.to(u.device).float()).T).Q.T  # (k, H), orthonormal
+        scales = None
+        if ablation.norm != "none":
+            m = _matrix(writers)
+            scales = _norm_scales(m if matrix is None else replace(m, param=matrix(m)), u, weight, ablation.norm)
+        out.append((writers, WriterEdit(u, weight, ablation.norm, scales)))
+    return out
+
+
 @torch.no_grad()
 def apply_ablation_(model: nn.Module, ablation: Ablation, layout: Layout) -> list[str]:
     """In place: bake `ablation` into the weights (and biases) of every writer it touches. Returns the names edited.
 
-    Computed in float32 and cast at the write. A writer behind a post-norm (Gemma) is edited
-    against its basis seen through the norm's scale, re-orthonormalised.
+    Computed in float32 and cast at the write (`WriterEdit`). An edited embedding first gets its
+    own copy for a tied output head (`untie_lm_head_`).
     """
     ablation.check(layout)
     if ablation.embed:
         untie_lm_head_(model, layout)
     edited = []
-    for _, writers, basis, weight, scale in _groups(ablation, layout):
-        u = basis.float()
-        if scale is not None:
-            u = torch.linalg.qr((u * scale.to(u.device).float()).T).Q.T  # (k, H), orthonormal
-        scales = _norm_scales(_matrix(writers), u, weight, ablation.norm) if ablation.norm != "none" else None
+    for writers, edit in writer_edits(ablation, layout):
         for writer in writers:
             w = writer.param.data
-            wm = w.movedim(writer.out_dim, -1).float()  # (..., H)
-            wm = project(wm, u.to(wm.device), weight)
-            if ablation.norm == "row":
-                wm = wm * scales.to(wm.device)
-            elif ablation.norm == "column" and w.dim() >= 2:  # a bias has no input features to scale
-                wm = wm * scales.to(wm.device).reshape(wm.shape[:-1]).unsqueeze(-1)
-            w.copy_(wm.movedim(-1, writer.out_dim).to(w.dtype))
+            w.copy_(edit(w, writer.out_dim))
             edited.append(writer.name)
     return edited
+
+
+def edited_names(ablation: Ablation, layout: Layout) -> list[str]:
+    """The names `apply_ablation_` returns, in its order, without editing anything."""
+    return [w.name for _, writers, *_ in _groups(ablation, layout) for w in writers]
+
+
+def tied_head(layout: Layout) -> bool:
+    """Whether the output head shares its matrix with the (first) embedding: the same parameter, or the same memory.
+
+    A model built on the meta device (the streamed bake's skeleton) has no memory to compare, so
+    there only the parameter itself counts.
+    """
+    head = layout.lm_head
+    if head is None or not layout.embeddings:
+        return False
+    emb = layout.embeddings[0].param
+    return head.weight is emb or (emb.device.type != "meta" and head.weight.data_ptr() == emb.data_ptr())
 
 
 def untie_lm_head_(model: nn.Module, layout: Layout) -> bool:
@@ -215,13 +266,10 @@ def untie_lm_head_(model: nn.Module, layout: Layout) -> bool:
     Editing the embedding must not edit the head: the head reads the stream,
     it does not write it.
     """
-    head = layout.lm_head
-    if head is None or not layout.embeddings:
+    if not tied_head(layout):
         return False
     emb = layout.embeddings[0].param
-    if head.weight.data_ptr() != emb.data_ptr():
-        return False
-    head.weight = nn.Parameter(emb.detach().clone(), requires_grad=False)
+    layout.lm_head.weight = nn.Parameter(emb.detach().clone(), requires_grad=False)
     for config in {id(model.config): model.config, id(text_config(model)): text_config(model)}.values():
         config.tie_word_embeddings = False
     return True

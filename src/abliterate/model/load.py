@@ -130,12 +130,7 @@ def check_finite(source: str, model: nn.Module) -> None:
     CPU. Only a tensor whose sum is not finite is looked at element by element, so an overflowing sum of
     finite weights is no false alarm.
     """
-    bad = []
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.is_floating_point() and p.device.type != "meta" and p.numel():
-                if not torch.isfinite(p.sum(dtype=torch.float32)) and not bool(torch.isfinite(p).all()):
-                    bad.append(name)
+    bad = [name for name, p in model.named_parameters() if not finite(p)]
     if bad:
         half = next(p.dtype for p in model.parameters()) == torch.float16
         raise AbliterateError(
@@ -143,6 +138,14 @@ def check_finite(source: str, model: nn.Module) -> None:
             + ("float16 cannot hold some of them: use --dtype bfloat16 or float32" if half else
                "the checkpoint is damaged: re-download or re-save the model")
         )
+
+
+@torch.no_grad()
+def finite(t: torch.Tensor) -> bool:
+    """False when floating-point `t` holds nan or inf (a tensor on the meta device has no values: True)."""
+    if not t.is_floating_point() or t.device.type == "meta" or not t.numel():
+        return True
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
 
 
 def _local_weights(path: Path) -> tuple[list[Path], list[Path]]:
@@ -306,9 +309,7 @@ def load_model(
     if gguf_file is None:
         kwargs["use_safetensors"] = None if allow_pickle else True
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            load_from, trust_remote_code=trust_remote_code, gguf_file=kwargs.get("gguf_file")
-        )
+        tokenizer = load_tokenizer(load_from, trust_remote_code, gguf_file=kwargs.get("gguf_file"))
         # ignore_mismatched_sizes: wrong shapes come back in the loading info, and check_loading_info
         # names them, instead of a RuntimeError that points at a table we do not print.
         with _quiet_load_report():
@@ -335,7 +336,14 @@ def load_model(
             del model.config.quantization_config
         model.is_quantized = False
     model.to(dev).eval().requires_grad_(False)
+    return Loaded(model, tokenizer, source, local_dir, gguf_file)
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False, gguf_file: str | None = None):
+    """The tokenizer as abliterate uses it (and saves it with an edited model): padding on the left, and a pad
+    token (the end-of-sequence one) where the model has none."""
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Loaded(model, tokenizer, source, local_dir, gguf_file)
+    return tokenizer

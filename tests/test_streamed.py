@@ -1,0 +1,192 @@
+"""apply --stream: the checkpoint baked shard by shard writes what the in-memory bake writes, bit for bit.
+
+Identities, not outputs: every tensor of the streamed output has the in-memory output's bytes, the
+tensors the edit does not touch keep the input's bytes, the names are the same, and plain
+transformers loads both to the same logits. Peak memory is a benchmark's question
+(benchmarks/bench_stream_bake.py), not a test's.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import assert_clean_error, inputs, make_model, random_ablation, run_cli
+from safetensors.torch import load_file, save_file
+
+from abliterate import resolve
+from abliterate.export.files import ABLATION, DIRECTION, manifest, to_json
+from abliterate.find.directions import Direction
+
+SHARD = "40KB"  # the tiny models (about 1 MB) in 10 to 30 shards
+
+
+def _direction(path, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Direction(torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0), layer=2).save(path)
+    return path
+
+
+def _sharded(tokenizer, arch, path, dtype=torch.float32):
+    model = make_model(arch, tokenizer).to(dtype)
+    model.save_pretrained(path, max_shard_size=SHARD)
+    tokenizer.save_pretrained(path)
+    assert len(list(path.glob("model-*.safetensors"))) >= 3
+    return path
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("model*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and _bytes(a) == _bytes(b)
+
+
+def _both(capsys, src, out, *edit):
+    """apply in memory and --stream with the same edit; both outputs' tensors, after checking what was printed."""
+    code, text, err = run_cli(capsys, "apply", src, *edit, "-o", out / "memory")
+    assert code == 0, err
+    assert "baked in memory" in text
+    code, text, err = run_cli(capsys, "apply", src, *edit, "-o", out / "streamed", "--stream")
+    assert code == 0, err
+    assert "baked shard by shard" in text
+    return _weights(out / "memory"), _weights(out / "streamed")
+
+
+def _assert_identical(memory, streamed, original, out):
+    assert streamed.keys() == memory.keys()
+    assert all(_same_bytes(memory[k], streamed[k]) for k in memory), \
+        [k for k in memory if not _same_bytes(memory[k], streamed[k])]
+    edited = {k for k in original if not _same_bytes(original[k], streamed[k])}
+    assert edited and edited == {k for k in original if not _same_bytes(original[k], memory[k])}
+    index = json.loads((out / "streamed" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(memory)
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        assert json.loads((out / "memory" / name).read_text()) == json.loads((out / "streamed" / name).read_text())
+    return edited
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "llama_tied"])
+def test_streamed_bake_is_the_in_memory_bake(arch, capsys, tmp_path, tokenizer):
+    """Llama; Qwen2 (biases, a tied head); Gemma 3 (post-norms, the image-text layout's own names); a tied Llama."""
+    from transformers import AutoModelForCausalLM
+
+    src = _sharded(tokenizer, arch, tmp_path / arch)
+    original = _weights(src)
+    memory, streamed = _both(capsys, src, tmp_path, "--direction", _direction(tmp_path / "d.safetensors"))
+    edited = _assert_identical(memory, streamed, original, tmp_path)
+    assert any("o_proj" in k for k in edited) and any("down_proj" in k for k in edited)
+    manifest = json.loads((tmp_path / "streamed" / "manifest.json").read_text())
+    assert manifest["streamed"] and manifest["edited_tensors"] == \
+        json.loads((tmp_path / "memory" / "manifest.json").read_text())["edited_tensors"]
+    assert (tmp_path / "streamed" / DIRECTION).is_file()
+    config = json.loads((tmp_path / "streamed" / "config.json").read_text())
+    if len(memory) > len(original):  # a tied head, untied because the embedding is edited, keeps the original
+        head = (memory.keys() - original.keys()).pop()
+        emb = next(k for k in original if k.endswith("embed_tokens.weight"))
+        assert head.endswith("lm_head.weight") and _same_bytes(streamed[head], original[emb])
+        assert config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings")) is False
+    enc = inputs(tokenizer)
+    logits = [AutoModelForCausalLM.from_pretrained(tmp_path / d).eval()(**enc).logits for d in ("memory", "streamed")]
+    assert torch.equal(*logits)
+
+
+def _searched(tmp_path, src, ablation) -> str:
+    """The files `run --search` leaves for `apply --manifest`: manifest, direction and chosen ablation."""
+    run = tmp_path / "searched"
+    run.mkdir()
+    _direction(run / DIRECTION)
+    ablation.save(run / ABLATION)
+    info = manifest("run", str(src), search={"chosen": {"number": 0, "params": ablation.params},
+                                             "ablation_file": ABLATION})
+    (run / "manifest.json").write_text(to_json(info))
+    return str(run / "manifest.json")
+
+
+@pytest.mark.parametrize("arch,norm", [("qwen2", "row"), ("gpt2", "column"), ("llama", "none")])
+def test_streamed_weighted_ablation_from_a_manifest(arch, norm, capsys, tmp_path, tokenizer):
+    """The search's edits: k = 2 bases, weights 0, below and above 1, the embeddings, norm preservation (GPT-2:
+    Conv1D writers, biases and two embeddings)."""
+    src = _sharded(tokenizer, arch, tmp_path / arch)
+    ablation = random_ablation(resolve(make_model(arch, tokenizer)), norm=norm)
+    memory, streamed = _both(capsys, src, tmp_path, "--manifest", _searched(tmp_path, src, ablation))
+    _assert_identical(memory, streamed, _weights(src), tmp_path)
+    assert (tmp_path / "streamed" / ABLATION).is_file()
+
+
+def test_streamed_fused_experts_in_pieces_across_shards(capsys, tmp_path, tokenizer):
+    """Qwen3-MoE: the model's (experts, H, I) down projection is one tensor per expert on disk; here every
+    tensor has a shard of its own, so each fused parameter is read from several shards and written to them."""
+    src = _sharded(tokenizer, "qwen3_moe", tmp_path / "moe")
+    tensors = _weights(src)
+    for f in src.glob("model*.safetensors"):
+        f.unlink()
+    names = sorted(tensors)
+    files = {n: f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i, n in enumerate(names)}
+    for n in names:
+        save_file({n: tensors[n]}, str(src / files[n]), metadata={"format": "pt"})
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": files}))
+    ablation = random_ablation(resolve(make_model("qwen3_moe", tokenizer)))
+    memory, streamed = _both(capsys, src, tmp_path, "--manifest", _searched(tmp_path, src, ablation))
+    edited = _assert_identical(memory, streamed, tensors, tmp_path)
+    assert sum(".mlp.experts." in k and k.endswith("down_proj.weight") for k in edited) >= 8
+
+
+def test_streamed_dtypes_are_the_in_memory_dtypes(capsys, tmp_path, tokenizer):
+    """A bfloat16 checkpoint: loaded in float32 by default on a CPU (and written so, by both paths); with
+    --dtype bfloat16 the tensors the edit does not touch are the input's bytes."""
+    src = _sharded(tokenizer, "llama", tmp_path / "bf16", dtype=torch.bfloat16)
+    original = _weights(src)
+    d = _direction(tmp_path / "d.safetensors")
+    memory, streamed = _both(capsys, src, tmp_path / "auto", "--direction", d)
+    _assert_identical(memory, streamed, {k: v.float() for k, v in original.items()}, tmp_path / "auto")
+    assert {t.dtype for t in streamed.values()} == {torch.float32}
+    memory, streamed = _both(capsys, src, tmp_path / "bf16out", "--direction", d, "--dtype", "bfloat16")
+    _assert_identical(memory, streamed, original, tmp_path / "bf16out")
+    assert {t.dtype for t in streamed.values()} == {torch.bfloat16}
+
+
+def test_stream_refuses_what_it_cannot_do(capsys, tmp_path, model_dirs):
+    """One line, exit 2, nothing written, before any weight is read."""
+    d = str(_direction(tmp_path / "d.safetensors"))
+    src, out, gguf = model_dirs["llama"], tmp_path / "out", tmp_path / "out.gguf"
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((src / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    cases = [
+        (src, out, ["--adapter"], "--adapter"),
+        (tmp_path / "model.gguf", out, [], "is a GGUF file"),
+        (src, gguf, [], "writes a Hugging Face directory"),
+        ("someone/some-model", out, [], "reads a local model directory"),
+        (pickled, out, [], "reads only safetensors"),
+        (src, src / "inside", [], "inside the input"),
+    ]
+    for model, output, extra, match in cases:
+        code, _, err = run_cli(capsys, "apply", model, "--direction", d, "-o", output, *extra, "--stream")
+        assert_clean_error(code, err, match, output)
+
+
+def test_stream_refuses_a_checkpoint_that_does_not_fill_the_model(capsys, tmp_path, tokenizer):
+    """A stale index, then a tensor gone from its shard and its index: the in-memory load refuses both too."""
+    src = _sharded(tokenizer, "llama", tmp_path / "llama")
+    d = str(_direction(tmp_path / "d.safetensors"))
+    index = src / "model.safetensors.index.json"
+    good = json.loads(index.read_text())
+    files = list(good["weight_map"].values())
+    victim = min(k for k, f in good["weight_map"].items() if files.count(f) >= 2)
+    fewer = dict(good, weight_map={k: f for k, f in good["weight_map"].items() if k != victim})
+    index.write_text(json.dumps(fewer))
+    code, _, err = run_cli(capsys, "apply", src, "--direction", d, "-o", tmp_path / "out", "--stream")
+    assert_clean_error(code, err, "does not match its shards", tmp_path / "out")
+    shard = src / good["weight_map"][victim]
+    save_file({k: v for k, v in load_file(shard).items() if k != victim}, str(shard), metadata={"format": "pt"})
+    code, _, err = run_cli(capsys, "apply", src, "--direction", d, "-o", tmp_path / "out", "--stream")
+    assert_clean_error(code, err, "lacks 1 of the model's", tmp_path / "out")
