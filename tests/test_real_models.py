@@ -162,12 +162,15 @@ def test_induced_model_refuses_harmless_prompts_coherently(qwen_dir, shared_prom
     from transformers import AutoModelForCausalLM
 
     from abliterate.commands.steer import induce
+    from abliterate.config import InduceOptions
     from abliterate.edit.steer import steered
 
     cfg = RunConfig(harmful=str(shared_prompts / "harmful_train.json"),
                     harmless=str(shared_prompts / "harmless_train.json"),
                     eval_harmless=str(shared_prompts / "harmless_val.json"), n_eval_harmless=32)
-    result = induce(str(qwen_dir), tmp_path / "refuser", cfg)
+    # The search narrowed to the eleven layers around 60% of depth and the strengths that won there (the full
+    # default search, 15 settings, is tested on tiny models): 2 settings instead of 15.
+    result = induce(str(qwen_dir), tmp_path / "refuser", cfg, InduceOptions(layers="9-19", strengths="5,6"))
     o, i = result.original, result.induced
     assert len(i.answers) == 32
     assert o.rate <= 0.2 and i.rate >= INDUCE_MIN_RATE, (o.rate, i.rate)
@@ -231,18 +234,23 @@ def test_concept_direction_and_sweep_on_a_real_model(smollm_gguf, tmp_path, caps
     assert (tmp_path / "s.png").stat().st_size > 1000
 
 
-def test_inspect_marks_the_runs_layer_where_separation_peaks(qwen_dir, demo, tmp_path):
-    """Same prompts, same selection as the demo run: the same layer is marked, and Cohen's d peaks there."""
+def test_inspect_shows_separation_peaking_at_the_runs_layer(qwen_dir, demo, tmp_path):
+    """`inspect --direction` with the demo's direction: its layer is marked, and Cohen's d and AUC peak there
+    among the layers the demo's selection scored. (That `inspect` without --direction runs the run's own
+    selection is tested on tiny models; on this model it would repeat the demo's 2-minute selection.)"""
     out, _ = demo
-    chosen = json.loads((out / "manifest.json").read_text())["direction"]["layer"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    chosen = manifest["direction"]["layer"]
+    scored = {row["layer"] for row in manifest["selection"]}
     js = tmp_path / "layers.json"
-    assert main(["-q", "inspect", str(qwen_dir), "--plot", str(tmp_path / "layers.png"), "--json", str(js)]) == 0
+    assert main(["-q", "inspect", str(qwen_dir), "--direction", str(out / "direction.safetensors"), "--plot",
+                 str(tmp_path / "layers.png"), "--json", str(js)]) == 0
     layers = json.loads(js.read_text())["layers"]
     assert [row["layer"] for row in layers if row["chosen"]] == [chosen]
-    scored = [row for row in layers if row["bypass"] is not None]
+    rows = [row for row in layers if row["layer"] in scored]
     # Measured: layer 15 chosen; Cohen's d (3.27) and AUC (0.989) peak there among the scored layers 4-18.
-    assert abs(max(scored, key=lambda r: r["cohen_d"])["layer"] - chosen) <= 1
-    assert abs(max(scored, key=lambda r: r["auc"])["layer"] - chosen) <= 1
+    assert abs(max(rows, key=lambda r: r["cohen_d"])["layer"] - chosen) <= 1
+    assert abs(max(rows, key=lambda r: r["auc"])["layer"] - chosen) <= 1
 
 
 def test_report_and_token_view_render_in_chromium(qwen_dir, demo, chromium, capsys):
@@ -332,11 +340,12 @@ def test_control_vector_lowers_refusals_in_llama_cpp(llama_cpp, demo, shared_pro
     assert sorted(vectors) == list(range(d.layer - 4, d.layer + 5))
     js = tmp_path / "cv.json"
     code = main(["-q", "verify-gguf", str(src), "--original", str(src), "--control-vector", str(cv),
-                 "--eval-harmful", str(shared_prompts / "harmful_val.json"), "--n-eval-harmless", "8",
-                 "--json", str(js)])
+                 "--eval-harmful", str(shared_prompts / "harmful_val.json"), "--n-eval-harmful", "20",
+                 "--n-eval-harmless", "4", "--json", str(js)])
     assert code == 0
     got = json.loads(js.read_text())
-    assert got["after"]["refusals"] <= got["before"]["refusals"] - 5, (got["before"], got["after"])
+    assert got["before"]["refusals"] >= 6, got["before"]
+    assert got["after"]["refusals"] <= got["before"]["refusals"] - 4, (got["before"], got["after"])
 
 
 @pytest.mark.parametrize("which", ["SMOLLM2_135M", "GEMMA3_270M"])
@@ -370,10 +379,13 @@ def test_lora_gguf_in_llama_cpp_matches_the_hf_edit(llama_cpp, demo, qwen_dir, s
     src = reference.fetch(reference.QWEN_CODER_05B)
     js = tmp_path / "lora.json"
     code = main(["-q", "verify-gguf", str(src), "--lora", str(lora), "--eval-harmful",
-                 str(shared_prompts / "harmful_val.json"), "--n-eval-harmless", "8", "--json", str(js)])
+                 str(shared_prompts / "harmful_val.json"), "--n-eval-harmful", "20", "--n-eval-harmless", "4",
+                 "--json", str(js)])
     assert code == 0
     after = json.loads(js.read_text())["after"]
-    assert abs(after["refusals"] - hf["after"]["refusals"]) <= 2, (after, hf["after"])
+    # The HF edit's refusals on the same 20 prompts, from the demo's answers.
+    hf_after = sum(r["edited_refused"] for r in json.loads((out / "generations.json").read_text())["harmful"][:20])
+    assert abs(after["refusals"] - hf_after) <= 2, (after, hf_after)
 
 
 @pytest.mark.parametrize("which", ["qwen", "SMOLLM2_135M", "GEMMA3_270M"])
