@@ -109,6 +109,9 @@ def test_run_and_eval_report_long_answers(capsys, tmp_path, model_dirs):
     assert code == 0, err
     again = json.loads((tmp_path / "e.json").read_text())["long"]
     assert again["harmful"]["n"] == 2 and "change" in again["harmful"] and "long answers (up to 8" in text
+    code, text, err = run_cli(capsys, "eval", model_dirs["llama"], *FAST[4:], "--long-tokens", "8", "--n-long", "1")
+    assert code == 0, err  # one model alone: its own figures, no change column
+    assert "harmless (1 prompts)" in text and "McNemar" not in text.split("long answers")[1]
 
 
 @pytest.mark.parametrize("argv,match", [

@@ -8,7 +8,7 @@ from ..measure.long import LongEffects
 from ..measure.refusal import is_refusal
 from .html import report_html
 from .plots import plot_selection
-from .tables import LONG_ROWS, _change, median_cell
+from .tables import long_rows
 
 N_PAIRS = 6  # answers shown side by side, per prompt set
 
@@ -53,26 +53,13 @@ def run_report(model: str, direction, before: Evaluation, after: Evaluation, sel
 
 
 def long_section(e: LongEffects) -> tuple[str, list[str], list[list]]:
-    """The report's table of long answers: each count with its n and 95% interval, per model and prompt set,
-    the paired change, and median lengths."""
+    """The report's table of long answers (show.tables.long_rows): each count with its n and 95% interval, per
+    model and prompt set, the paired change, and median lengths."""
     both = e.sides[0].original is not None
     header = ["prompts", "measure"] + (["original", "abliterated", "change (95% CI; McNemar p)"] if both
                                        else ["abliterated"])
-    rows = []
-    for side in e.sides:
-        d = side.to_dict()
-        change = side.change() if both else {}
-        for label, key in LONG_ROWS:
-            after = str(side.rates("edited")[key])
-            rows.append([f"{side.name} ({d['n']})", label] + ([str(side.rates("original")[key]), after,
-                                                              _change(change[key]) if key in change else ""]
-                                                             if both else [after]))
-        lengths = [median_cell(d["edited"]["length"])]
-        if both:
-            lengths = [median_cell(d["original"]["length"]), lengths[0],
-                       f"edited/original {median_cell(d['length_ratio'])}"]
-        rows.append([f"{side.name} ({d['n']})", "length, median tokens"] + lengths)
-    return (f"Long answers: up to {e.tokens} tokens, late refusals after the first {e.head}", header, rows)
+    return (f"Long answers: up to {e.tokens} tokens, late refusals after the first {e.head}", header,
+            [[name, label, *cells] for name, label, cells in long_rows(e)])
 
 
 def steer_report(title: str, model: str, info: dict, original, steered, prompts: list[str], *,

@@ -124,29 +124,40 @@ def median_cell(m: dict) -> str:
     return f"{m['median']:g} ({ci}; n {m['n']})"
 
 
+def long_rows(e: LongEffects) -> list[tuple[str, str, list[str]]]:
+    """(prompt set, measure, cells) for the terminal and the report: loops, degenerate answers, late refusals and
+    answers cut at the cap, each model's count with its n and Wilson interval and the paired change; median
+    lengths and the edited/original median length ratio. Cells: original, edited, change (edited alone when
+    there is no original)."""
+    both = e.sides[0].original is not None
+    rows = []
+    for side in e.sides:
+        d = side.to_dict()
+        name = f"{side.name} ({d['n']} prompts)"
+        after = side.rates("edited")
+        before, change = (side.rates("original"), side.change()) if both else ({}, {})
+        for label, key in LONG_ROWS:
+            cells = [str(before[key]), str(after[key]), _change(change[key]) if key in change else ""] if both \
+                else [str(after[key])]
+            rows.append((name, label, cells))
+        cells = [median_cell(d["original"]["length"]) if both else "", median_cell(d["edited"]["length"]),
+                 f"edited/original {median_cell(d['length_ratio'])}" if both else ""]
+        rows.append((name, "length, median tokens", cells if both else cells[1:2]))
+    return rows
+
+
 def long_table(e: LongEffects) -> str:
-    """Long answers per prompt set: loops, degenerate answers, late refusals and answers cut at the cap, each
-    model's count with its n and Wilson interval and the paired change; median lengths and the edited/original
-    median length ratio."""
+    """The long answers as text (`long_rows`)."""
     both = e.sides[0].original is not None
     lines = [(f"long answers (up to {e.tokens} tokens; a late refusal comes after the first {e.head}; loop: "
               f"a {LOOP_N}-word run {LOOP_R}+ times)"),
              (f"{'':28}" + (f"{'original':<30}" if both else "") + f"{'edited':<30}"
               + ("change, paired (95% CI; McNemar p)" if both else "")).rstrip()]
-    for side in e.sides:
-        d = side.to_dict()
-        lines.append(f"{side.name} ({d['n']} prompts)")
-        after = side.rates("edited")
-        before = side.rates("original") if both else {}
-        change = side.change() if both else {}
-        for label, key in LONG_ROWS:
-            row = f"  {label:26}" + (f"{before[key]!s:<30}" if both else "") + f"{after[key]!s:<30}"
-            lines.append((row + (_change(change[key]) if key in change else "")).rstrip())
-        row = f"  {'length, median tokens':26}" + (f"{median_cell(d['original']['length']):<30}" if both else "")
-        row += f"{median_cell(d['edited']['length']):<30}"
-        if both:
-            row += f"edited/original {median_cell(d['length_ratio'])}"
-        lines.append(row.rstrip())
+    current = None
+    for name, label, cells in long_rows(e):
+        if name != current:
+            lines.append(current := name)
+        lines.append((f"  {label:26}" + "".join(f"{c:<30}" for c in cells[:-1]) + cells[-1]).rstrip())
     return "\n".join(lines)
 
 
