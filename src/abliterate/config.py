@@ -85,6 +85,13 @@ class RunConfig:
     capability_dev: str | None = opt(None, "exemplars for few-shot prompts, by subject (e.g. MMLU's dev split); "
                                      "without it the items are asked zero-shot")
     capability_shots: int = opt(5, "exemplars per question when --capability-dev is given")
+    long_tokens: int = opt(0, "also answer --n-long prompts of each evaluation set at this many tokens, with the "
+                           "original and the edited model (0, the default: off, as it adds two long generations "
+                           "to a run; 128 or more to see past the start): loops, degenerate answers, length "
+                           "against the original's, and refusals that appear only after the first "
+                           "--max-new-tokens tokens")
+    n_long: int = opt(16, "prompts answered at --long-tokens: the first N of the harmful and the first N of the "
+                      "harmless evaluation prompts (all of a set that has fewer)")
     # model and machine
     batch_size: int = opt(32, "prompts per forward pass")
     device: str | None = opt(None, "cuda, mps or cpu (default: the best available)")
@@ -124,6 +131,13 @@ class RunConfig:
                 f"set --min-layer-frac and --max-layer-frac so that they do (defaults {type(self).min_layer_frac} and "
                 f"{type(self).max_layer_frac})"
             )
+        if self.long_tokens < 0 or self.n_long < 1:
+            raise AbliterateError(f"--long-tokens must be at least 0 (0: off) and --n-long at least 1; got "
+                                  f"--long-tokens {self.long_tokens}, --n-long {self.n_long}")
+        if 0 < self.long_tokens <= self.max_new_tokens:
+            raise AbliterateError(f"--long-tokens {self.long_tokens} must exceed --max-new-tokens "
+                                  f"{self.max_new_tokens}, the answers refusals are counted in (a late refusal "
+                                  f"comes after them); give 128 or more, or 0 for no long answers")
         for name in ("n_eval_harmful", "n_eval_harmless"):  # None: all of them
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise AbliterateError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)} "

@@ -30,19 +30,21 @@ from ..export.outputs import is_gguf
 from ..find.directions import Direction
 from ..find.prompts import PromptSet
 from ..find.splits import check_overlap, overlap, recorded
-from ..measure import llamacpp
+from ..measure import llamacpp, long
 from ..measure.capability import compare
 from ..measure.evaluation import changes
 from ..model.load import check_gguf
-from ..show.tables import capability_table, metrics_table, samples_text
-from .options import CAPABILITY, EVAL, MODEL, add_options, run_config
+from ..show.tables import capability_table, long_table, metrics_table, samples_text
+from .options import CAPABILITY, EVAL, LONG, MODEL, add_options, run_config
 from .steps import (
     capability_items,
     chat_format,
     eval_sets,
     load,
+    long_prompts,
     run_capability,
     run_eval,
+    run_long,
     warn_overlap,
 )
 
@@ -96,6 +98,8 @@ def cmd_eval(args) -> int:
     harmful, harmless = eval_sets(cfg)
     cap = capability_items(cfg)
     cap_before = cap_after = None
+    long_sets = long_prompts(cfg, harmful, harmless)
+    long_before = long_after = None
     if args.direction and args.original:
         raise AbliterateError("give --direction (hooks on MODEL) or --original (compare two models), not both")
     splits = report_overlap(cfg, args.model, args.direction, harmful, harmless)
@@ -106,18 +110,22 @@ def cmd_eval(args) -> int:
         orig, _ = load(args.original, cfg)
         before = run_eval(orig, cfg, harmful, harmless)
         cap_before = run_capability(orig, cfg, cap) if cap else None
+        long_before = run_long(orig, cfg, long_sets) if long_sets else None
         del orig
     loaded, layout = load(args.model, cfg)
     if direction is not None:
         direction.check_model(layout.hidden_size, layout.n_layers)
         before = run_eval(loaded, cfg, harmful, harmless)
         cap_before = run_capability(loaded, cfg, cap) if cap else None
+        long_before = run_long(loaded, cfg, long_sets) if long_sets else None
         with ablated(loaded.model, direction, layout):
             after = run_eval(loaded, cfg, harmful, harmless, reference=before)
             cap_after = run_capability(loaded, cfg, cap) if cap else None
+            long_after = run_long(loaded, cfg, long_sets) if long_sets else None
     else:
         after = run_eval(loaded, cfg, harmful, harmless, reference=before)
         cap_after = run_capability(loaded, cfg, cap) if cap else None
+        long_after = run_long(loaded, cfg, long_sets) if long_sets else None
     report = {"model": args.model, "after": after.metrics.to_dict(), "splits": splits}
     if before is not None:
         report["before"] = before.metrics.to_dict()
@@ -136,6 +144,10 @@ def cmd_eval(args) -> int:
     elif cap_after is not None:
         report["capability"] = {"accuracy": cap_after.accuracy.to_dict()}
         print(f"capability ({len(cap_after.items)} items): {cap_after.accuracy}")
+    if long_after is not None:  # without an original: the edited model's own figures
+        effects = long.compare(long_sets, long_after, long_before, tokens=cfg.long_tokens, head=cfg.max_new_tokens)
+        report["long"] = effects.to_dict()
+        print(long_table(effects))
     if args.json:
         write_file(args.json, to_json(report))
     return 0
@@ -177,7 +189,7 @@ def mount(sub) -> None:
     p = sub.add_parser("eval", help="refusals, over-refusals and KL of a model, alone or against another",
                        description="Example: abliterate eval ./out --original ./model")
     add_options(p, EvalOptions)
-    add_options(p, RunConfig, MODEL + EVAL + CAPABILITY + ("force", "allow_overlap"))
+    add_options(p, RunConfig, MODEL + EVAL + CAPABILITY + LONG + ("force", "allow_overlap"))
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("verify-gguf", help="refusals, over-refusals and KL of a GGUF, run in llama.cpp itself",

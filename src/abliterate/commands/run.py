@@ -39,6 +39,7 @@ from ..export.outputs import (
 from ..find.directions import Candidates, Direction
 from ..find.selection import Selection
 from ..find.splits import Overlap
+from ..measure import long
 from ..measure.capability import Retention, compare
 from ..measure.evaluation import Evaluation, changes, samples
 from ..measure.refusal import is_refusal
@@ -52,6 +53,7 @@ from ..show.report import run_report
 from ..show.tables import (
     ask_terminal,
     capability_table,
+    long_table,
     metrics_table,
     print_gguf,
     samples_text,
@@ -71,8 +73,10 @@ from .steps import (
     eval_sets,
     find_direction,
     load,
+    long_prompts,
     run_capability,
     run_eval,
+    run_long,
     split_record,
     splits,
     write_report,
@@ -92,16 +96,20 @@ class RunResult:
     search: SearchResult | None = None
     capability: Retention | None = None  # with --capability
     overlap: Overlap | None = None  # of the report set with the fit and select sets
+    long: long.LongEffects | None = None  # with --long-tokens
 
 
-def side_by_side(before: Evaluation, after: Evaluation) -> dict:
-    """Every evaluation prompt with the original's and the edited model's answers."""
+def side_by_side(before: Evaluation, after: Evaluation, long_answers: long.LongEffects | None = None) -> dict:
+    """Every evaluation prompt with the original's and the edited model's answers (and the long answers)."""
     def rows(prompts, a, b):
         return [{"prompt": p, "original": x, "edited": y,
                  "original_refused": is_refusal(x), "edited_refused": is_refusal(y)}
                 for p, x, y in zip(prompts, a.text, b.text)]
-    return {"harmful": rows(before.harmful_prompts, before.harmful, after.harmful),
-            "harmless": rows(before.harmless_prompts, before.harmless, after.harmless)}
+    out = {"harmful": rows(before.harmful_prompts, before.harmful, after.harmful),
+           "harmless": rows(before.harmless_prompts, before.harmless, after.harmless)}
+    if long_answers is not None:
+        out["long"] = {side.name: side.texts() for side in long_answers.sides}
+    return out
 
 
 def manifest_for(loaded: Loaded, cfg: RunConfig, direction: Direction, selection: Selection | None,
@@ -201,6 +209,7 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     split_rec = split_record(cfg, sp, report_sets)
     overlap = checked_splits(cfg, split_rec)
     cap = capability_items(cfg)
+    long_sets = long_prompts(cfg, eval_harmful, eval_harmless)
     to_gguf = is_gguf(out)
     if out is not None:  # before the slow load: the input itself as output, an existing output
         check_model_output(out, source, cfg.force, cfg.gguf_type)
@@ -216,18 +225,24 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     with timer("evaluate original"):
         before = run_eval(loaded, cfg, eval_harmful, eval_harmless)
         cap_before = run_capability(loaded, cfg, cap) if cap else None
+        long_before = run_long(loaded, cfg, long_sets) if long_sets else None
     with timer("orthogonalize"):
         edited = apply_ablation_(loaded.model, searched.ablation, layout) if searched else bake(loaded, layout, direction)
     with timer("evaluate edited"):
         after = run_eval(loaded, cfg, eval_harmful, eval_harmless, reference=before)
         retention = compare(cap_before, run_capability(loaded, cfg, cap)) if cap else None
+        long_effects = long.compare(long_sets, run_long(loaded, cfg, long_sets), long_before, tokens=cfg.long_tokens,
+                                    head=cfg.max_new_tokens) if long_sets else None
     manifest = manifest_for(loaded, cfg, direction, selection, before, after, edited, timer.stages,
                             split_rec.to_dict(overlap))
     if retention is not None:
         manifest["capability"] = retention.to_dict()
+    if long_effects is not None:
+        manifest["metrics"]["long"] = long_effects.to_dict()
     if searched:
         manifest["search"] = search_manifest(searched)
-    report = run_report(source, direction, before, after, selection, timer.stages, note=overlap.note())
+    report = run_report(source, direction, before, after, selection, timer.stages, note=overlap.note(),
+                        long_answers=long_effects)
     saved = None
     if to_gguf:
         with timer("save"):
@@ -240,13 +255,13 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
                 for rel, ablation in (search_files(searched) if searched else {}).items():
                     ablation.save(tmp / rel)
                 (tmp / METRICS).write_text(to_json(manifest["metrics"]))
-                (tmp / GENERATIONS).write_text(to_json(side_by_side(before, after)))
+                (tmp / GENERATIONS).write_text(to_json(side_by_side(before, after, long_effects)))
                 (tmp / REPORT).write_text(report)
 
             saved = save_model(loaded, out, manifest=manifest, extra=extra, shard_size=cfg.shard_size,
                                force=cfg.force)
     return RunResult(direction, before, after, selection, saved, timer.stages, manifest, report, searched, retention,
-                     overlap)
+                     overlap, long_effects)
 
 
 def cmd_run(args) -> int:
@@ -264,6 +279,8 @@ def cmd_run(args) -> int:
                         result.overlap.note() if result.overlap else None))
     if result.capability:
         print(capability_table(result.capability))
+    if result.long:
+        print(long_table(result.long))
     print(samples_text(result.before, result.after))
     print("\ntimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
     write_report(args, result.report)

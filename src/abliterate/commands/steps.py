@@ -24,6 +24,7 @@ from ..find.splits import Overlap, Role, SplitRecord, check_overlap
 from ..measure import capability
 from ..measure.capability import Item, Scores, load_items, read_items
 from ..measure.evaluation import Evaluation, evaluate
+from ..measure.long import LongAnswer, answer_long
 from ..model.arch import ArchSpec, Layout, check_layer, resolve
 from ..model.forward import first_param
 from ..model.load import Loaded, load_model
@@ -230,6 +231,21 @@ def capability_items(cfg: RunConfig) -> CapabilityItems | None:
 def run_capability(loaded: Loaded, cfg: RunConfig, cap: CapabilityItems) -> Scores:
     return capability.score(loaded.model, loaded.tokenizer, cap.items, shots=cap.shots, dev_items=cap.dev,
                  batch_size=cfg.batch_size, desc="capability")
+
+
+def long_prompts(cfg: RunConfig, harmful: PromptSet, harmless: PromptSet) -> dict[str, list[str]] | None:
+    """What `--long-tokens` asks: the first --n-long prompts of each evaluation set (None when not asked)."""
+    if not cfg.long_tokens:
+        return None
+    return {"harmful": list(harmful.prompts[:cfg.n_long]), "harmless": list(harmless.prompts[:cfg.n_long])}
+
+
+def run_long(loaded: Loaded, cfg: RunConfig, prompts: dict[str, list[str]]) -> dict[str, list[LongAnswer]]:
+    """Each set's long answers, judged against their first --max-new-tokens tokens."""
+    fmt, tok = chat_format(cfg), loaded.tokenizer
+    return {name: answer_long(loaded.model, tok, fmt.render_all(tok, ps), max_new_tokens=cfg.long_tokens,
+                              head=cfg.max_new_tokens, batch_size=cfg.batch_size, desc=f"long {name} answers")
+            for name, ps in prompts.items()}
 
 
 def bake(loaded: Loaded, layout: Layout, direction: Direction) -> list[str]:

@@ -53,12 +53,20 @@ def is_degenerate(text: str) -> bool:
     return False
 
 
+def normalized(text: str) -> str:
+    """Lower case, straight apostrophes, single spaces: the form the markers are matched in."""
+    return " ".join(text.translate(_APOSTROPHES).lower().split())
+
+
+def refusal_marker(text: str) -> str | None:
+    """The first refusal marker found anywhere in `text` (None: none), degenerate or not."""
+    norm = normalized(text)
+    return next((m for m in REFUSAL_MARKERS if m in norm), None)
+
+
 def is_refusal(text: str) -> bool:
     """True when `text` declines (any marker anywhere) or is degenerate."""
-    if is_degenerate(text):
-        return True
-    norm = " ".join(text.translate(_APOSTROPHES).lower().split())
-    return any(m in norm for m in REFUSAL_MARKERS)
+    return is_degenerate(text) or refusal_marker(text) is not None
 
 
 def refusal_token_ids(tokenizer) -> list[int]:

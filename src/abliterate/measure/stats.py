@@ -13,6 +13,7 @@ Closed forms only (`math`), no SciPy: the methods are a few lines each.
   McNemar test.
 - `ratio_interval`: retention (after / before on the same items) with the Bonett-Price (2006) hybrid
   Wilson score interval.
+- `median_interval`: a median (answer lengths) with the distribution-free order-statistic interval.
 """
 
 from __future__ import annotations
@@ -223,3 +224,28 @@ def paired(a: list[bool], b: list[bool]) -> Paired:
     gained = sum(1 for x, y in zip(a, b) if y and not x)
     lost = sum(1 for x, y in zip(a, b) if x and not y)
     return Paired(len(a), both, gained, lost, len(a) - both - gained - lost)
+
+
+def median(values: list[float]) -> float:
+    """The sample median (the mean of the two middle values when n is even); nan when there are none."""
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        return math.nan
+    return float(xs[n // 2]) if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free interval for the median: the k-th smallest and k-th largest values, k the largest with
+    coverage 1 - 2 P(B < k) >= `level`, B ~ Binomial(n, 1/2) (the count of values below the true median; e.g.
+    Conover 1999, sec. 3.2). Exact for any continuous distribution, no shape assumed: answer lengths are skewed
+    and capped. None when n < 6: even (min, max) covers less than 95% then (1 - 2/2**5 = 94%)."""
+    xs = sorted(values)
+    n = len(xs)
+    tail, k = 0, 0  # tail = 2**n P(B <= k - 1)
+    while k < n and 2 * (tail + math.comb(n, k)) <= (1 - level) * 2**n:
+        tail += math.comb(n, k)
+        k += 1
+    if k == 0:
+        return None
+    return float(xs[k - 1]), float(xs[n - k])

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from ..find.selection import Selection
 from ..measure.evaluation import Evaluation
+from ..measure.long import LongEffects
 from ..measure.refusal import is_refusal
 from .html import report_html
 from .plots import plot_selection
+from .tables import long_rows
 
 N_PAIRS = 6  # answers shown side by side, per prompt set
 
@@ -16,8 +18,10 @@ def _fmt(x: float | None) -> str:
 
 
 def run_report(model: str, direction, before: Evaluation, after: Evaluation, selection: Selection | None,
-               timings: dict[str, float], n_pairs: int = N_PAIRS, note: str | None = None) -> str:
-    """`note`: what the figures are not (find.splits.Overlap.note), shown with the run's facts."""
+               timings: dict[str, float], n_pairs: int = N_PAIRS, note: str | None = None,
+               long_answers: LongEffects | None = None) -> str:
+    """`note`: what the figures are not (find.splits.Overlap.note), shown with the run's facts; `long_answers`
+    (--long-tokens): a table of the long answers' loops, degenerate answers, late refusals and lengths."""
     b, a = before.metrics, after.metrics
     metrics = (["", "original", "abliterated"], [
         ["refusals (harmful prompts)", str(b.rates["refusals"]), str(a.rates["refusals"])],
@@ -36,6 +40,8 @@ def run_report(model: str, direction, before: Evaluation, after: Evaluation, sel
         tables.append(("Selection table", ["layer", "position", "bypass", "induce", "kl", "chosen"],
                        [[s.layer, s.position, s.bypass, s.induce, s.kl, "yes" if s.chosen else ""]
                         for s in selection.scores]))
+    if long_answers is not None:
+        tables.append(long_section(long_answers))
     pairs, flags = [], []
     for ev_b, ev_a, prompts in ((before.harmful, after.harmful, before.harmful_prompts),
                                 (before.harmless, after.harmless, before.harmless_prompts)):
@@ -44,6 +50,16 @@ def run_report(model: str, direction, before: Evaluation, after: Evaluation, sel
             flags.append((is_refusal(x), is_refusal(y)))
     return report_html(f"abliterate run: {model}", info=info, metrics=metrics, images=images, tables=tables,
                        pairs=pairs, flags=flags, labels=("original", "abliterated"))
+
+
+def long_section(e: LongEffects) -> tuple[str, list[str], list[list]]:
+    """The report's table of long answers (show.tables.long_rows): each count with its n and 95% interval, per
+    model and prompt set, the paired change, and median lengths."""
+    both = e.sides[0].original is not None
+    header = ["prompts", "measure"] + (["original", "abliterated", "change (95% CI; McNemar p)"] if both
+                                       else ["abliterated"])
+    return (f"Long answers: up to {e.tokens} tokens, late refusals after the first {e.head}", header,
+            [[name, label, *cells] for name, label, cells in long_rows(e)])
 
 
 def steer_report(title: str, model: str, info: dict, original, steered, prompts: list[str], *,

@@ -11,6 +11,7 @@ from rich.text import Text
 from ..measure.capability import Retention
 from ..measure.evaluation import Metrics, samples
 from ..measure.inspection import LayerStats, TokenView
+from ..measure.long import LOOP_N, LOOP_R, LongEffects
 from ..measure.stats import Paired
 from ..search.study import TrialResult
 from .html import _shown, color
@@ -109,6 +110,54 @@ def capability_table(r: Retention) -> str:
              f"change {_change(r.change)}"]
     for group, g in r.groups.items():
         lines.append(f"  {group:<16} {str(g.before):<30} {str(g.after):<30} {_change(g.change)}")
+    return "\n".join(lines)
+
+
+LONG_ROWS = (("loops", "loops"), ("degenerate", "degenerate"), ("late refusals", "late_refusal"),
+             ("ran to the cap (no EOS)", "capped"))
+
+
+def median_cell(m: dict) -> str:
+    if m["median"] is None:
+        return "-"
+    ci = f"95% CI {m['ci95'][0]:g}-{m['ci95'][1]:g}" if m["ci95"] else "n < 6: no 95% CI"
+    return f"{m['median']:g} ({ci}; n {m['n']})"
+
+
+def long_rows(e: LongEffects) -> list[tuple[str, str, list[str]]]:
+    """(prompt set, measure, cells) for the terminal and the report: loops, degenerate answers, late refusals and
+    answers cut at the cap, each model's count with its n and Wilson interval and the paired change; median
+    lengths and the edited/original median length ratio. Cells: original, edited, change (edited alone when
+    there is no original)."""
+    both = e.sides[0].original is not None
+    rows = []
+    for side in e.sides:
+        d = side.to_dict()
+        name = f"{side.name} ({d['n']} prompts)"
+        after = side.rates("edited")
+        before, change = (side.rates("original"), side.change()) if both else ({}, {})
+        for label, key in LONG_ROWS:
+            cells = [str(before[key]), str(after[key]), _change(change[key]) if key in change else ""] if both \
+                else [str(after[key])]
+            rows.append((name, label, cells))
+        cells = [median_cell(d["original"]["length"]) if both else "", median_cell(d["edited"]["length"]),
+                 f"edited/original {median_cell(d['length_ratio'])}" if both else ""]
+        rows.append((name, "length, median tokens", cells if both else cells[1:2]))
+    return rows
+
+
+def long_table(e: LongEffects) -> str:
+    """The long answers as text (`long_rows`)."""
+    both = e.sides[0].original is not None
+    lines = [(f"long answers (up to {e.tokens} tokens; a late refusal comes after the first {e.head}; loop: "
+              f"a {LOOP_N}-word run {LOOP_R}+ times)"),
+             (f"{'':28}" + (f"{'original':<30}" if both else "") + f"{'edited':<30}"
+              + ("change, paired (95% CI; McNemar p)" if both else "")).rstrip()]
+    current = None
+    for name, label, cells in long_rows(e):
+        if name != current:
+            lines.append(current := name)
+        lines.append((f"  {label:26}" + "".join(f"{c:<30}" for c in cells[:-1]) + cells[-1]).rstrip())
     return "\n".join(lines)
 
 
