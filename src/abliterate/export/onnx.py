@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import os
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -163,12 +164,17 @@ def export_graph(model: nn.Module, path: Path, hidden_layer: int | None = None) 
 
 
 def save_onnx(proto, path: Path, external: bool) -> None:
+    """`proto` at `path`; with `external`, its weights in PATH_data beside it (the name Transformers.js fetches)."""
     onnx, _ = require()
-    if external:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + "_data", size_threshold=1024)
-    else:
+    if not external:
         onnx.save_model(proto, str(path))
+        return
+    data = path.with_name(path.name + "_data")
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    umask = os.umask(0)
+    os.umask(umask)
+    data.chmod(0o666 & ~umask)  # onnx writes it private; it is an ordinary file of the output
 
 
 def quantize(src: Path, kind: str, external: bool) -> Path:
@@ -186,7 +192,10 @@ def _quantize(onnx, src: Path, dst: Path, kind: str, external: bool) -> None:
     if kind == "q8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, use_external_data_format=external)
+        with tempfile.TemporaryDirectory(dir=dst.parent) as scratch:  # it names its data file NAME.data
+            raw = Path(scratch) / dst.name
+            quantize_dynamic(str(src), str(raw), weight_type=QuantType.QInt8, use_external_data_format=external)
+            save_onnx(onnx.load(str(raw)), dst, external)
     elif kind == "q4":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
