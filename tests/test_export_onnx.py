@@ -55,8 +55,10 @@ def test_onnx_equals_transformers_with_and_without_the_cache(arch, tokenizer, tm
     assert checks["fp32"].top1 == 1.0 and checks["fp32"].kl < 1e-6
 
 
-def test_cli_exports_a_baked_steering_with_q8_and_the_direction_layer(tokenizer, tmp_path, capsys):
-    """A steer output: Qwen2 saved as a Llama with MLP biases, its direction beside it."""
+def test_cli_exports_a_baked_steering_with_q8_and_the_direction_layer(tokenizer, tmp_path, capsys, monkeypatch):
+    """A steer output: Qwen2 saved as a Llama with MLP biases, its direction beside it; its weights written as
+    external data, as a model past 2 GB is."""
+    monkeypatch.setattr(ox, "EXTERNAL_BYTES", 0)
     from abliterate.edit.steer import Steering, bake_steering
 
     v = torch.randn(64, generator=torch.Generator().manual_seed(2))
@@ -71,10 +73,13 @@ def test_cli_exports_a_baked_steering_with_q8_and_the_direction_layer(tokenizer,
     code, printed, err = run_cli(capsys, "export-onnx", src, "-o", out, "--quantize", "q8")
     assert code == 0, err
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "onnx/model.onnx", "onnx/model_quantized.onnx", "manifest.json"):
+                 "onnx/model.onnx", "onnx/model_quantized.onnx", "manifest.json", "onnx/model.onnx_data",
+                 "onnx/model_quantized.onnx_data"):
         assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["transformers.js_config"] == {"use_external_data_format": True}
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["kind"] == "abliterate.export_onnx" and manifest["hidden_layer"] == 3
+    assert manifest["kind"] == "abliterate.export_onnx" and manifest["hidden_layer"] == 3 and manifest["external_data"]
     fp32, q8 = manifest["check"]["fp32"], manifest["check"]["q8"]
     assert fp32["greedy_equal"] and fp32["max_abs_logit"] < 1e-4
     assert 0.5 <= q8["top1"] <= 1 and 0 <= q8["kl"] < 0.1
