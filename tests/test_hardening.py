@@ -471,11 +471,11 @@ def output_options():
 BASE = {"run": ["run", "{M}"], "demo": ["demo"], "directions": ["directions", "{M}"],
         "concept": ["concept", "{M}", "--positive", "builtin:french:train", "--negative", "builtin:english:train"],
         "apply": ["apply", "{M}", "--direction", "{M}/d.safetensors"], "convert": ["convert", "{M}"],
-        "eval": ["eval", "{M}"], "verify-gguf": ["verify-gguf", "{M}/x.gguf"],
+        "export-onnx": ["export-onnx", "{M}"], "eval": ["eval", "{M}"], "verify-gguf": ["verify-gguf", "{M}/x.gguf"],
         "steer": ["steer", "{M}", "--direction", "{M}/d.safetensors", "--strength", "1"],
         "sweep": ["sweep", "{M}", "--direction", "{M}/d.safetensors"], "induce": ["induce", "{M}"],
         "inspect": ["inspect", "{M}"], "tokens": ["tokens", "{M}", "--direction", "{M}/d.safetensors", "--prompt", "hi"]}
-REQUIRED_OUT = {"directions", "concept", "apply", "convert"}  # -o is required: the case gives it
+REQUIRED_OUT = {"directions", "concept", "apply", "convert", "export-onnx"}  # -o is required: the case gives it
 
 
 def test_the_writers_are_the_ones_this_test_knows():

@@ -224,6 +224,20 @@ class ConvertOptions:
 
 
 @dataclass
+class ExportOnnxOptions:
+    model: str = opt(None, "Hugging Face model directory or hub id: an original, or a run, apply, steer or induce "
+                     "output", positional=True)
+    output: str = opt(None, "output directory: the folder Transformers.js loads (config, tokenizer, onnx/model.onnx)",
+                      flags=("-o", "--output"), required=True, output="dir")
+    quantize: list[str] | None = opt(None, "also write a smaller graph, checked against the original: q8 "
+                                     "(onnx/model_quantized.onnx), q4 (onnx/model_q4.onnx) or fp16 "
+                                     "(onnx/model_fp16.onnx); repeatable, or a comma list", many=True)
+    hidden_layer: int | None = opt(None, "also output the residual stream entering this layer (hidden_states), for "
+                                   "an activation grid (default: the direction's layer when MODEL is a run's or an "
+                                   "apply's output, else none)")
+
+
+@dataclass
 class EvalOptions:
     model: str = opt(None, MODEL_HELP, positional=True)
     direction: str | None = opt(None, "evaluate MODEL with this direction ablated by hooks, against MODEL")
