@@ -91,10 +91,10 @@ def test_demo_meets_acceptance_and_reloads(qwen_dir, shared_prompts, demo):
     tok = AutoTokenizer.from_pretrained(out)
     tok.padding_side = "left"
     again = run_eval(Loaded(model, tok, str(out), out), cfg, harmful, harmless, reference=ref)
-    assert again.metrics.refusals <= 1, again.harmful  # batching may move one answer
-    assert again.metrics.kl_first <= 0.2
+    assert again.metrics.refusals <= 1, again.harmful.text  # batching may move one answer
+    assert again.metrics.kl_first <= 0.3  # measured 0.17 on these 8 (0.11 on all 32); the 0.2 target is the run's own
     saved = {r["prompt"]: r["edited"] for r in sides["harmful"]}
-    assert sum(a == saved[p] for p, a in zip(flipped, again.harmful)) >= 4, (again.harmful, flipped)
+    assert sum(a == saved[p] for p, a in zip(flipped, again.harmful.text)) >= 4, (again.harmful.text, flipped)
 
 
 def test_gguf_model_runs_the_pipeline_and_saves(smollm_gguf, tmp_path):
@@ -168,9 +168,10 @@ def test_induced_model_refuses_harmless_prompts_coherently(qwen_dir, shared_prom
     cfg = RunConfig(harmful=str(shared_prompts / "harmful_train.json"),
                     harmless=str(shared_prompts / "harmless_train.json"),
                     eval_harmless=str(shared_prompts / "harmless_val.json"), n_eval_harmless=32)
-    # The search narrowed to the eleven layers around 60% of depth and the strengths that won there (the full
-    # default search, 15 settings, is tested on tiny models): 2 settings instead of 15.
-    result = induce(str(qwen_dir), tmp_path / "refuser", cfg, InduceOptions(layers="9-19", strengths="5,6"))
+    # The search narrowed to the eleven layers around 60% of depth (the full default search, 15 settings, runs on
+    # tiny models). Measured with these settings: a total of 4 refused 31/32 search prompts at a coherence loss of
+    # 0.39 nats per token and was chosen; 5 lost 1.79 (incoherent) and ended the set; 31/32 held-out refused.
+    result = induce(str(qwen_dir), tmp_path / "refuser", cfg, InduceOptions(layers="9-19", strengths="3,4,5"))
     o, i = result.original, result.induced
     assert len(i.answers) == 32
     assert o.rate <= 0.2 and i.rate >= INDUCE_MIN_RATE, (o.rate, i.rate)
@@ -306,20 +307,22 @@ def test_reference_gguf_to_gguf_keeps_types_and_bytes(qwen_gguf_abliterated):
 
 
 def test_reference_gguf_refusals_drop_in_llama_cpp(qwen_gguf_abliterated, demo, shared_prompts, tmp_path):
-    """In llama.cpp: refusals on harmful_val drop by the HF path's margin (within 4), first-token KL <= 0.25."""
+    """In llama.cpp: refusals on 20 harmful_val prompts drop by the HF path's margin (within 3), first-token
+    KL <= 0.25 on 8 harmless ones."""
     src, dst = qwen_gguf_abliterated
     out, _ = demo
-    hf = json.loads((out / "manifest.json").read_text())["metrics"]
     js = tmp_path / "verify.json"
     code = main(["-q", "verify-gguf", str(dst), "--original", str(src), "--eval-harmful",
                  str(shared_prompts / "harmful_val.json"), "--eval-harmless", str(shared_prompts / "harmless_val.json"),
-                 "--n-eval-harmless", "16", "--json", str(js)])
+                 "--n-eval-harmful", "20", "--n-eval-harmless", "8", "--json", str(js)])
     assert code == 0
     got = json.loads(js.read_text())
     before, after = got["before"], got["after"]
-    hf_drop = hf["before"]["refusals"] - hf["after"]["refusals"]
+    # The HF path's drop on the same 20 prompts, from the demo's answers (all 39: `make bench-gguf`).
+    rows = json.loads((out / "generations.json").read_text())["harmful"][:20]
+    hf_drop = sum(r["original_refused"] for r in rows) - sum(r["edited_refused"] for r in rows)
     drop = before["refusals"] - after["refusals"]
-    assert abs(drop - hf_drop) <= 4, (before["refusals"], after["refusals"], hf["before"], hf["after"])
+    assert abs(drop - hf_drop) <= 3, (before["refusals"], after["refusals"], hf_drop)
     assert after["kl_first"] <= 0.25
 
 
@@ -371,7 +374,6 @@ def test_gguf_round_trip_loads_and_generates_in_llama_cpp(llama_cpp, which, tmp_
 def test_lora_gguf_in_llama_cpp_matches_the_hf_edit(llama_cpp, demo, qwen_dir, shared_prompts, tmp_path):
     """The rank-one LoRA (F32) on the untouched quantized GGUF: refusals as on the HF path, within 2."""
     out, _ = demo
-    hf = json.loads((out / "manifest.json").read_text())["metrics"]
     lora = tmp_path / "refusal-lora.gguf"
     assert main(["-q", "apply", str(qwen_dir), "--direction", str(out / "direction.safetensors"), "--adapter",
                  "-o", str(lora)]) == 0
@@ -439,11 +441,11 @@ def test_search_on_the_reference_model(qwen_dir, shared_prompts, tmp_path):
     p = shared_prompts
     cfg = RunConfig(harmful=str(p / "harmful_train.json"), harmless=str(p / "harmless_train.json"),
                     eval_harmful=str(p / "harmful_val.json"), eval_harmless=str(p / "harmless_val.json"),
-                    n_train=32, n_search=16, n_eval_harmful=20, n_eval_harmless=20, search=True, trials=5,
+                    n_train=32, n_search=16, n_eval_harmful=12, n_eval_harmless=12, search=True, trials=4,
                     finalists=2, study=str(tmp_path / "study"))
     result = run(str(qwen_dir), None, cfg)
     s = result.search
-    assert len(s.trials) == 5 and s.chosen in s.finalists and s.baseline_refusals >= 4
+    assert len(s.trials) == 4 and s.chosen in s.finalists and s.baseline_refusals >= 4
     assert result.after.metrics.refusals < result.before.metrics.refusals
     assert 0 < result.after.metrics.kl_first < 1.0
     assert result.manifest["search"]["chosen"]["params"] == s.chosen.params
