@@ -21,10 +21,13 @@ demo: install
 
 # llama.cpp (llama-cpp-python) compiles from source: about 10 minutes on 2 cores, cached by pip afterwards.
 # It writes K-quant GGUF tensors and runs `verify-gguf`; without it those tests skip and say why.
-LLAMA_CMAKE ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+# LLAVA_BUILD=OFF leaves out the multimodal library (mtmd, about an eighth of the C++), which nothing here loads;
+# should that build fail, the package's default build is tried before giving up.
+LLAMA_CMAKE ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAVA_BUILD=OFF
 llama: install
 	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
 	  CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/python -m pip install --quiet "llama-cpp-python==0.3.36" || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet "llama-cpp-python==0.3.36" || \
 	  echo "llama-cpp-python did not build: the llama.cpp tests will skip"
 
 # Headless Chromium renders the HTML pages in the tests; installed from Debian when we are root.
