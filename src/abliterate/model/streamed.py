@@ -24,10 +24,12 @@ pass whose streams do not fit is split into several passes (each loads every blo
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,8 @@ from tqdm.auto import tqdm
 from ..errors import AbliterateError
 from .arch import text_config
 from .forward import Batch, id_batches
+
+log = logging.getLogger(__name__)
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -54,28 +58,26 @@ def parse_memory(text: str, option: str = "--max-memory") -> int:
 
 
 def show_bytes(n: float) -> str:
+    """`n` bytes in the largest unit, rounded up (a budget shown is never less than the one meant)."""
     for unit in ("GB", "MB", "KB"):
         if n >= _UNITS[unit]:
-            return f"{n / _UNITS[unit]:.{1 if n < 10 * _UNITS[unit] else 0}f}{unit}"
-    return f"{int(n)}B"
+            digits = 1 if n < 10 * _UNITS[unit] else 0
+            return f"{math.ceil(n / _UNITS[unit] * 10**digits) / 10**digits:.{digits}f}{unit}"
+    return f"{math.ceil(n)}B"
 
 
-@dataclass
-class Intervention:
-    """What a stream runs under: nothing (None), a direction ablated (`ablate`), or a vector added at a layer."""
-
-    hooks: Callable[[nn.Module], object] | None = None  # model -> context manager
-
-    def __call__(self, model):
-        return self.hooks(model) if self.hooks is not None else nullcontext()
+Hooks = Callable[[nn.Module], AbstractContextManager]  # model -> the hooks of an intervention, as a context manager
 
 
 @dataclass
 class Stream:
-    """One prompt list (token ids) run through the model under one intervention."""
+    """One prompt list (token ids) run through the model under one intervention's hooks (None: none)."""
 
     ids: list[list[int]]
-    intervention: Intervention = field(default_factory=Intervention)
+    hooks: Hooks | None = None
+
+    def __call__(self, model: nn.Module) -> AbstractContextManager:
+        return self.hooks(model) if self.hooks is not None else nullcontext()
 
 
 @dataclass
@@ -109,9 +111,10 @@ class StreamedModel:
     """A checkpoint's model run one block at a time (`run`), within `max_memory` bytes if given."""
 
     def __init__(self, skel, max_memory: int | None = None, batch_size: int = 32, n_logits: int = 64,
-                 option: str = "--max-memory"):
+                 option: str = "--max-memory", source: str | None = None):
         """`n_logits`: the most prompts of one stream whose logits are asked for (for the budget)."""
         self.skel, self.max_memory, self.batch_size, self.option = skel, max_memory, batch_size, option
+        self.source = source or str(skel.ckpt.root)
         self.n_logits = n_logits
         model, layout = skel.model.eval(), skel.layout  # eval: GPT-2's dropout off, as load_model has it
         self.model, self.layout, self.tokenizer = model, layout, skel.tokenizer
@@ -211,8 +214,7 @@ class StreamedModel:
                         f"{self.option} {show_bytes(self.max_memory)} is too small for one block of this model and "
                         f"one batch of prompts: the smallest budget that works is {show_bytes(smallest)} (largest "
                         f"block {show_bytes(self.budget.block)}, read twice over, plus one batch of {b} x {t} "
-                        f"tokens); give {self.option} {show_bytes(smallest * 1.05)} or more, or a smaller "
-                        f"--batch-size")
+                        f"tokens): give {self.option} {show_bytes(smallest)} or more, or a smaller --batch-size")
                 out.append(cur)
                 cur, tokens = [], 0
             cur.append(it)
@@ -318,6 +320,20 @@ class StreamedModel:
         assert len(calls) == len(self.blocks), f"the decoder ran {len(calls)} of {len(self.blocks)} blocks"
         return start[0], calls, out.last_hidden_state
 
+    @property
+    def loaded(self):
+        """The skeleton as a `Loaded` (its tokenizer, its source), for the steps that take one."""
+        from .load import Loaded
+
+        return Loaded(self.model, self.tokenizer, str(self.source), self.skel.ckpt.root)
+
+    def logits(self, jobs: list[tuple[list[str], Hooks | None]], desc: str | None = None) -> Iterator[torch.Tensor]:
+        """`find.selection`'s runner: each formatted prompt list's next-token logits under its hooks, all lists in
+        one pass (or as many as --max-memory needs)."""
+        streams = [Stream(self.tokenizer(list(texts), add_special_tokens=False).input_ids, hooks)
+                   for texts, hooks in jobs]
+        yield from self.run(streams, desc=desc or "streamed pass")
+
     # -- the pass -----------------------------------------------------------------------------------------------------
 
     def items(self, streams: list[Stream]) -> list[_Item]:
@@ -337,14 +353,18 @@ class StreamedModel:
             yield from self._run(streams, all_items, tap, logits, desc)
 
     def _run(self, streams, all_items, tap, logits, desc):
+        groups = self.groups(all_items)
+        if len(groups) > 1:
+            log.warning("%s %s: %s in %d passes (each reads every block once)", self.option,
+                        show_bytes(self.max_memory), desc, len(groups))
         pending: dict[int, list] = {}
         remaining = {s: sum(1 for it in all_items if it.stream == s) for s in range(len(streams))}
-        for group in self.groups(all_items):
+        for group in groups:
             self._start(group, streams)
             for layer in tqdm(range(len(self.blocks)), desc=desc, leave=False, unit="block"):
                 with self._materialized(layer) as block:
                     for s in dict.fromkeys(it.stream for it in group):
-                        with streams[s].intervention(self.model):
+                        with streams[s](self.model):
                             for it in group:
                                 if it.stream != s:
                                     continue
@@ -370,7 +390,7 @@ class StreamedModel:
         ids = torch.cat([it.batch.input_ids.flatten() for it in group]).unique(sorted=True)
         with self._token_rows(ids.cpu()) as emb:
             for it in group:
-                with streams[it.stream].intervention(self.model):
+                with streams[it.stream](self.model):
                     compact = torch.searchsorted(ids.to(it.batch.input_ids.device), it.batch.input_ids)
                     embeds = emb(compact)
                     it.hidden, it.calls, _ = self._decoder(it.batch, embeds)
