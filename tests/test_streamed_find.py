@@ -196,3 +196,24 @@ def test_stream_refuses_what_it_cannot_read(capsys, tmp_path, sharded, model_dir
     assert_clean_error(code, err, "--stream reads a local model directory", out)
     code, _, err = run_cli(capsys, "run", model_dirs["llama"], "-o", tmp_path / "o", "--stream", "--search")
     assert_clean_error(code, err, "run --search does not stream", tmp_path / "o")
+
+
+def test_run_stream_finds_the_in_memory_direction(capsys, caplog, tmp_path, sharded):
+    """run --stream: steps 3-5 streamed, then the evaluation and the bake in memory (it says so); the direction
+    and the edited model's metrics are the in-memory run's."""
+    from conftest import FAST
+
+    _, src = sharded("llama")
+    code, _, err = run_cli(capsys, "run", src, "-o", tmp_path / "memory", *FAST)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "run", src, "-o", tmp_path / "stream", *FAST, "--stream")
+    assert code == 0, err
+    assert "evaluation, edit and save: in memory" in caplog.text
+    a, b = (_saved(tmp_path / name / "direction.safetensors") for name in ("memory", "stream"))
+    assert (a.layer, a.position) == (b.layer, b.position) and torch.allclose(a.vector, b.vector, atol=1e-6)
+    ma, mb = (json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("memory", "stream"))
+    assert mb["config"]["stream"] and not ma["config"]["stream"]
+    assert [s["layer"] for s in ma["selection"]] == [s["layer"] for s in mb["selection"]]
+    for x, y in zip(ma["selection"], mb["selection"]):
+        assert math.isclose(x["bypass"], y["bypass"], rel_tol=1e-5, abs_tol=1e-5) and x["chosen"] == y["chosen"]
+    assert ma["metrics"]["after"]["refusals"] == mb["metrics"]["after"]["refusals"]
