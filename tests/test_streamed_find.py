@@ -10,6 +10,7 @@ block is read, with one line.
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -131,12 +132,13 @@ def test_directions_stream_saves_the_in_memory_direction(capsys, caplog, tmp_pat
     code, _, err = run_cli(capsys, "directions", wide, "-o", tmp_path / "x.safetensors", *ARGS, "--max-memory", "1MB")
     assert_clean_error(code, err, "is too small for one block of this model", tmp_path / "x.safetensors")
     smallest = parse_memory(err.split("the smallest budget that works is ")[1].split(" ")[0])
-    budget = int(smallest * 1.2)
+    budget = int(smallest * 1.02)  # room for about one batch of hidden states besides the block
     assert budget < weights, (budget, weights)
     code, _, err = run_cli(capsys, "directions", wide, "-o", tmp_path / "budget.safetensors", *ARGS,
                            "--max-memory", f"{budget}B")
     assert code == 0, err
-    assert "streamed, one block at a time" in caplog.text and "selection in 2 passes" in caplog.text, caplog.text
+    assert "streamed, one block at a time" in caplog.text, caplog.text
+    assert re.search(r"selection in \d+ passes", caplog.text), caplog.text
     memory = _saved(tmp_path / "memory.safetensors")
     for name in ("stream", "budget"):
         d = _saved(tmp_path / f"{name}.safetensors")
