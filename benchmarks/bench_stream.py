@@ -49,12 +49,13 @@ def child(argv: list[str]) -> int:
         with timer("load"):
             sm = open_streamed(src, cfg)
             loaded, layout = (sm.loaded, sm.layout) if sm else load(src, cfg)
-        direction, cands, _ = find_direction(loaded, layout, cfg, timer, streamed=sm)
+        direction, cands, sel = find_direction(loaded, layout, cfg, timer, streamed=sm)
         direction.save(out, cands)
         tokens = cands.meta["activation_tokens"]
         info = {"stages_s": {k: round(v, 2) for k, v in timer.stages.items()}, "activation_tokens": tokens,
                 "forward_tokens_per_s": round(tokens / timer.stages["activations"], 1), "layer": direction.layer,
-                "params": sum(p.numel() for p in loaded.model.parameters())}
+                "params": sum(p.numel() for p in loaded.model.parameters()),
+                "candidates": len(sel.scores), "induce_checks": sum(s.induce is not None for s in sel.scores)}
         if sm is not None:
             t = time.perf_counter()
             with torch.inference_mode():

@@ -209,7 +209,7 @@ class StreamedModel:
             need = self.budget.needed(tokens + b * t, self.batch_size * t, t)
             if need > self.max_memory:
                 if not cur:
-                    smallest = self.budget.needed(b * t, b * t, t)
+                    smallest = self.budget.needed(b * t, self.batch_size * t, t)
                     raise AbliterateError(
                         f"{self.option} {show_bytes(self.max_memory)} is too small for one block of this model and "
                         f"one batch of prompts: the smallest budget that works is {show_bytes(smallest)} (largest "
