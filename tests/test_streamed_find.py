@@ -219,3 +219,23 @@ def test_run_stream_finds_the_in_memory_direction(capsys, caplog, tmp_path, shar
     for x, y in zip(ma["selection"], mb["selection"]):
         assert math.isclose(x["bypass"], y["bypass"], rel_tol=1e-5, abs_tol=1e-5) and x["chosen"] == y["chosen"]
     assert ma["metrics"]["after"]["refusals"] == mb["metrics"]["after"]["refusals"]
+
+
+def test_a_padding_index_beyond_the_rows_the_prompts_use(tmp_path, tokenizer):
+    """The embedding's padding_idx (Qwen's is its last token) need not be one of the rows read for the prompts."""
+    from conftest import make_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = make_config("qwen2", len(tokenizer))
+    config.pad_token_id = len(tokenizer) - 1
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert model.get_input_embeddings().padding_idx == len(tokenizer) - 1
+    model.save_pretrained(tmp_path / "m", max_shard_size=SHARD)
+    tokenizer.save_pretrained(tmp_path / "m")
+    texts = _texts(tokenizer, 4)
+    memory = collect(model, tokenizer, texts, n_positions=1, batch_size=3, desc=None)
+    sm = StreamedModel(open_skeleton(tmp_path / "m", RunConfig()), batch_size=3)
+    (streamed,) = collect_streamed(sm, [texts], n_positions=1)
+    assert _close(streamed.mean, memory.mean)
+    assert sm.token_embedding.padding_idx == len(tokenizer) - 1  # given back

@@ -261,12 +261,13 @@ class StreamedModel:
             sl = f.get_slice(self._token_name)
             for j, r in enumerate(ids.tolist()):
                 table[j] = sl[r:r + 1][0].to(self.skel.dtype)
-        meta_weight = emb.weight
+        meta_weight, padding_idx = emb.weight, emb.padding_idx
         try:
             emb._parameters["weight"] = nn.Parameter(table.to(self.skel.device), requires_grad=False)
+            emb.padding_idx = None  # it indexes the whole table (and matters only to gradients)
             yield emb
         finally:
-            emb._parameters["weight"] = meta_weight
+            emb._parameters["weight"], emb.padding_idx = meta_weight, padding_idx
 
     @contextmanager
     def _other_embeddings(self):
