@@ -97,6 +97,19 @@ def test_demo_meets_acceptance_and_reloads(qwen_dir, shared_prompts, demo):
     assert sum(a == saved[p] for p, a in zip(flipped, again.harmful.text)) >= 4, (again.harmful.text, flipped)
 
 
+def test_streamed_directions_under_a_quarter_of_the_weights_are_the_demos(qwen_dir, demo, tmp_path, capsys, caplog):
+    """directions --max-memory 512MB on the reference model (2.5 GB of float32 weights): one block at a time, the
+    demo's direction (the same fit and select prompts, found in memory): the same layer, the same vector."""
+    out, _ = demo
+    code = main(["-q", "directions", str(qwen_dir), "-o", str(tmp_path / "d.safetensors"), "--max-memory", "512MB"])
+    assert code == 0, capsys.readouterr().err
+    assert "streamed, one block at a time" in caplog.text
+    streamed, memory = Direction.load(tmp_path / "d.safetensors"), Direction.load(out / "direction.safetensors")
+    assert (streamed.layer, streamed.position) == (memory.layer, memory.position)
+    assert torch.dot(streamed.vector, memory.vector).item() > 1 - 1e-6
+    assert abs(streamed.scale - memory.scale) <= 1e-4 * memory.scale
+
+
 def test_gguf_model_runs_the_pipeline_and_saves(smollm_gguf, tmp_path):
     """A Llama-architecture GGUF (SmolLM2-135M, Q4_1): loaded dequantized, abliterated, saved, reloaded."""
     from transformers import AutoModelForCausalLM

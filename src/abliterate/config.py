@@ -16,6 +16,7 @@ from .errors import AbliterateError
 from .export.gguf_copy import check_gguf_types
 from .export.hf import check_size
 from .model.load import check_device, check_dtype
+from .model.streamed import parse_memory
 from .search.space import OPTIONS, parse_options
 
 
@@ -54,6 +55,12 @@ class RunConfig:
     min_layer_frac: float = opt(0.2, "skip candidate layers below this fraction of depth")
     max_layer_frac: float = opt(0.8, "skip candidate layers at or above this fraction of depth (Arditi: 0.8)")
     select_kl_max: float = opt(0.1, "candidates with a larger first-token KL on harmless prompts are rejected")
+    # big models: activations and selection one decoder block at a time (docs/big-models.md)
+    stream: bool = opt(False, "find the direction one decoder block at a time, each read from the safetensors "
+                       "shards and freed, never loading the model whole (a local model directory)")
+    max_memory: str | None = opt(None, "memory budget for the streamed weights and activations, e.g. 512MB or 8GB: "
+                                 "a model whose weights do not fit streams as with --stream, in as many passes "
+                                 "as the budget needs")
     # search (run --search): the edit is searched instead of plain abliteration
     search: bool = opt(False, "search the edit (direction, per-layer weights, norm preservation, subspace) for "
                        "the fewest refusals at the lowest KL, instead of removing one direction everywhere")
@@ -154,6 +161,11 @@ class RunConfig:
         if self.pick not in ("auto", "rule", "ask") and not self.pick.isdigit():
             raise AbliterateError(f"--pick {self.pick!r} is not one of: auto, rule, ask, or a trial number")
         check_size(self.shard_size)
+        if self.max_memory is not None:
+            parse_memory(self.max_memory)
+        if self.search and self.stream:
+            raise AbliterateError("run --search does not stream (its trials run the whole model); leave out --stream, "
+                                  "or find a plain direction with --stream and no --search")
         check_gguf_types(self.gguf_type, self.gguf_fallback_type)
         if self.search_on not in ("held-out", "eval"):
             raise AbliterateError(f"--search-on {self.search_on!r} is not one of: held-out, eval")

@@ -1,6 +1,6 @@
 """`abliterate directions` (find and select the refusal direction) and `abliterate concept` (any two prompt sets).
 
-directions: 1. load  2. prompts  3. activations  4. candidates  5. selection  6. save the direction file
+directions: 1. load (--stream: the skeleton only)  2. prompts  3. activations  4. candidates  5. selection  6. save the direction file
 concept:    1. load  2. the two prompt sets  3. activations  4. their difference at one layer  5. save
 """
 
@@ -9,15 +9,22 @@ from __future__ import annotations
 from ..config import ConceptOptions, DirectionsOptions, RunConfig
 from ..find.prompts import load_prompts
 from ..show.tables import selection_table
-from .options import MODEL, PROMPTS, SELECT, add_options, run_config
-from .steps import chat_format, compute_candidates, find_direction, load, split
+from .options import MODEL, PROMPTS, SELECT, STREAM, add_options, run_config
+from .steps import (
+    chat_format,
+    compute_candidates,
+    find_direction,
+    load,
+    open_streamed,
+    split,
+)
 
 
 def mount(sub) -> None:
     p = sub.add_parser("directions", help="compute candidate directions and select one",
                        description="Example: abliterate directions ./model -o refusal.safetensors")
     add_options(p, DirectionsOptions)
-    add_options(p, RunConfig, MODEL + PROMPTS + SELECT + ("force",))
+    add_options(p, RunConfig, MODEL + PROMPTS + SELECT + STREAM + ("force",))
     p.set_defaults(func=directions)
 
     p = sub.add_parser("concept", help="a direction from any two contrastive prompt sets, for steering",
@@ -32,8 +39,9 @@ def mount(sub) -> None:
 
 def directions(args) -> int:
     cfg = run_config(args)
-    loaded, layout = load(args.model, cfg)
-    direction, cands, sel = find_direction(loaded, layout, cfg)
+    streamed = open_streamed(args.model, cfg)
+    loaded, layout = (streamed.loaded, streamed.layout) if streamed else load(args.model, cfg)
+    direction, cands, sel = find_direction(loaded, layout, cfg, streamed=streamed)
     if sel:
         print(selection_table(sel))
     path = direction.save(args.output, cands)

@@ -5,6 +5,8 @@
     3. collect activations                  find.activations.collect
     4. difference-of-means candidates       find.directions.Candidates
     5. select a direction                   find.selection.select
+       (--stream or --max-memory: steps 3-5 one decoder block at a time, model.streamed; the model loads whole
+       after them, for the evaluation)
     6. evaluate the original                measure.evaluation.evaluate
     7. orthogonalize the weights            edit.project.orthogonalize_
     8. evaluate the edited model            measure.evaluation.evaluate
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -74,6 +77,7 @@ from .steps import (
     find_direction,
     load,
     long_prompts,
+    open_streamed,
     run_capability,
     run_eval,
     run_long,
@@ -81,6 +85,8 @@ from .steps import (
     splits,
     write_report,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -213,15 +219,23 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     to_gguf = is_gguf(out)
     if out is not None:  # before the slow load: the input itself as output, an existing output
         check_model_output(out, source, cfg.force, cfg.gguf_type)
+    selection = searched = found = None
+    streamed = open_streamed(source, cfg)  # --stream or --max-memory: steps 3-5 one block at a time
+    if streamed is not None:
+        with timer("load"):  # the skeleton: config, headers, 1-D tensors
+            sk_loaded = streamed.loaded
+        found = find_direction(sk_loaded, streamed.layout, cfg, timer, sp, streamed=streamed)
+        del streamed, sk_loaded
+        log.warning("evaluation, edit and save: in memory (the model loads whole now; to bake without loading it, "
+                    "save the direction with `directions --stream` and bake it with `apply --stream`)")
     with timer("load"):
         loaded, layout = load(source, cfg)
     if out is not None:
         check_loaded_output(out, loaded, cfg.force)
-    selection = searched = None
     if cfg.search:
         direction, cands, searched = search_edit(loaded, layout, cfg, timer, out, sp)
     else:
-        direction, cands, selection = find_direction(loaded, layout, cfg, timer, sp)
+        direction, cands, selection = found or find_direction(loaded, layout, cfg, timer, sp)
     with timer("evaluate original"):
         before = run_eval(loaded, cfg, eval_harmful, eval_harmless)
         cap_before = run_capability(loaded, cfg, cap) if cap else None

@@ -5,10 +5,12 @@ order."""
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -16,7 +18,7 @@ from ..config import RunConfig
 from ..edit.project import orthogonalize_, residual_component
 from ..errors import AbliterateError
 from ..export.files import write_file
-from ..find.activations import Activations, collect
+from ..find.activations import Activations, collect, collect_streamed
 from ..find.directions import Candidates, Direction
 from ..find.prompts import ChatFormat, PromptSet, load_prompts, prompts_sha256
 from ..find.selection import Selection, select
@@ -27,7 +29,7 @@ from ..measure.evaluation import Evaluation, evaluate
 from ..measure.long import LongAnswer, answer_long
 from ..model.arch import ArchSpec, Layout, check_layer, resolve
 from ..model.forward import first_param
-from ..model.load import Loaded, load_model
+from ..model.load import Loaded, load_model, pick_device, pick_dtype
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +80,48 @@ def split(prompts: PromptSet, n_train: int, n_select: int, seed: int, held_out: 
     return items[n_select:n_select + n_train], items[:n_select]
 
 
+def open_streamed(source: str, cfg: RunConfig, n_logits: int | None = None):
+    """A `model.streamed.StreamedModel` of `source` when --stream is given, or when --max-memory is and the
+    model's weights do not fit it; None: the model loads whole. Reads the config, the safetensors headers and
+    the 1-D tensors only. Says which path on stderr."""
+    if not cfg.stream and cfg.max_memory is None:
+        return None
+    from ..export.streamed import Checkpoint, open_skeleton
+    from ..model.streamed import StreamedModel, parse_memory, show_bytes
+
+    budget = parse_memory(cfg.max_memory) if cfg.max_memory is not None else None
+    if not cfg.stream:
+        if not Path(source).expanduser().is_dir():
+            log.warning("--max-memory: %s is not a local model directory, so it loads whole", source)
+            return None
+        ckpt = Checkpoint.open(source)
+        dtype = pick_dtype(pick_device(cfg.device), cfg.dtype)
+        size = sum(math.prod(s) for s in ckpt.shapes.values()) * torch.finfo(dtype).bits // 8
+        if size <= budget:
+            log.warning("in memory: the model's %s of weights fit --max-memory %s", show_bytes(size),
+                        show_bytes(budget))
+            return None
+        log.warning("streamed, one block at a time: the model's %s of weights exceed --max-memory %s",
+                    show_bytes(size), show_bytes(budget))
+    skel = open_skeleton(source, cfg)
+    if cfg.layer is not None:
+        check_layer(cfg.layer, skel.layout.n_layers)
+    n = n_logits or 2 * max(cfg.n_select, cfg.batch_size)
+    return StreamedModel(skel, max_memory=budget, batch_size=cfg.batch_size, n_logits=n, source=source)
+
+
 def collect_pair(loaded: Loaded, fmt: ChatFormat, harmful: list[str], harmless: list[str], cfg: RunConfig,
-                 keep: bool = False) -> tuple[Activations, Activations]:
-    """Step 3: activations of both sets at the post-instruction positions (per prompt too, with `keep`)."""
+                 keep: bool = False, streamed=None) -> tuple[Activations, Activations]:
+    """Step 3: activations of both sets at the post-instruction positions (per prompt too, with `keep`); with
+    `streamed`, both in one pass, one block at a time."""
     tok = loaded.tokenizer
     cfg.check()
     n_pos = fmt.n_post_instruction(tok) if cfg.positions == "all" else 1
+    if streamed is not None:
+        assert not keep, "per-prompt activations are not streamed"
+        a, b = collect_streamed(streamed, [fmt.render_all(tok, harmful), fmt.render_all(tok, harmless)],
+                                n_positions=n_pos)
+        return a, b
     kw = dict(n_positions=n_pos, batch_size=cfg.batch_size, keep=keep)
     a = collect(loaded.model, tok, fmt.render_all(tok, harmful), desc="harmful activations", **kw)
     b = collect(loaded.model, tok, fmt.render_all(tok, harmless), desc="harmless activations", **kw)
@@ -103,9 +141,9 @@ def candidates_from(loaded: Loaded, harmful: list[str], harmless: list[str], a: 
 
 
 def compute_candidates(loaded: Loaded, fmt: ChatFormat, harmful: list[str], harmless: list[str],
-                       cfg: RunConfig) -> Candidates:
+                       cfg: RunConfig, streamed=None) -> Candidates:
     """Steps 3-4: mean activations of both sets at the post-instruction positions, and their differences."""
-    a, b = collect_pair(loaded, fmt, harmful, harmless, cfg)
+    a, b = collect_pair(loaded, fmt, harmful, harmless, cfg, streamed=streamed)
     return candidates_from(loaded, harmful, harmless, a, b)
 
 
@@ -167,9 +205,9 @@ def warn_overlap(ov: Overlap) -> None:
                     "are in-sample, not held out", ov.prompts, ov.n_report, ov.allowed_by)
 
 
-def pick_direction(loaded: Loaded, layout: Layout, cands: Candidates, sp: Splits, cfg: RunConfig
+def pick_direction(loaded: Loaded, layout: Layout, cands: Candidates, sp: Splits, cfg: RunConfig, runner=None
            ) -> tuple[Direction, Selection | None]:
-    """Step 5: the direction at `cfg.layer`, or the one selection picks."""
+    """Step 5: the direction at `cfg.layer`, or the one selection picks (`runner`: find.selection's)."""
     if cfg.layer is not None:
         return cands.direction(cfg.layer, -1, cfg.projected), None
     fmt, tok = chat_format(cfg), loaded.tokenizer
@@ -177,20 +215,25 @@ def pick_direction(loaded: Loaded, layout: Layout, cands: Candidates, sp: Splits
         loaded.model, tok, layout, cands, fmt.render_all(tok, sp.harmful_select),
         fmt.render_all(tok, sp.harmless_select), positions=cands.positions, projected=cfg.projected,
         min_layer_frac=cfg.min_layer_frac, max_layer_frac=cfg.max_layer_frac, kl_max=cfg.select_kl_max,
-        batch_size=cfg.batch_size,
+        batch_size=cfg.batch_size, runner=runner,
     )
     return sel.direction, sel
 
 
 def find_direction(loaded: Loaded, layout: Layout, cfg: RunConfig, timer: Timer | None = None,
-                   sp: Splits | None = None) -> tuple[Direction, Candidates, Selection | None]:
-    """Steps 2-5: prompts in (`sp`, or read from cfg), one chosen direction out."""
+                   sp: Splits | None = None, streamed=None) -> tuple[Direction, Candidates, Selection | None]:
+    """Steps 2-5: prompts in (`sp`, or read from cfg), one chosen direction out. With `streamed` (a
+    `model.streamed.StreamedModel`, `loaded` its `.loaded`), each stage is one pass, one block at a time."""
     timer = timer or Timer()
     sp = sp or splits(cfg)
+    if streamed is not None:  # the budget against the longest prompt of every stage, before a block is read
+        texts = chat_format(cfg).render_all(loaded.tokenizer, sp.harmful_train + sp.harmless_train +
+                                            sp.harmful_select + sp.harmless_select)
+        streamed.check_budget(max(map(len, loaded.tokenizer(texts, add_special_tokens=False).input_ids)))
     with timer("activations"):
-        cands = compute_candidates(loaded, chat_format(cfg), sp.harmful_train, sp.harmless_train, cfg)
+        cands = compute_candidates(loaded, chat_format(cfg), sp.harmful_train, sp.harmless_train, cfg, streamed)
     with timer("selection"):
-        direction, sel = pick_direction(loaded, layout, cands, sp, cfg)
+        direction, sel = pick_direction(loaded, layout, cands, sp, cfg, runner=streamed)
     return direction, cands, sel
 
 

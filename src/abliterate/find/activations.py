@@ -8,6 +8,7 @@ import torch
 
 from ..model.arch import text_config
 from ..model.forward import batches, first_param, forward
+from ..model.streamed import Stream
 
 
 @dataclass
@@ -47,3 +48,29 @@ def collect(model, tokenizer, texts: list[str], *, n_positions: int, batch_size:
     mean = (total / len(texts)).cpu()
     assert torch.isfinite(mean).all(), "non-finite activations: check the model's dtype (try --dtype float32)"
     return Activations(mean, len(texts), tokens, torch.stack(kept) if keep else None)
+
+
+@torch.inference_mode()
+def collect_streamed(streamed, sets: list[list[str]], *, n_positions: int, desc: str = "activations"
+                     ) -> list[Activations]:
+    """`collect` for each list of texts, in one pass of `streamed` (a `model.streamed.StreamedModel`): each
+    block read once for every list. The same batches, the same float64 sums in the same order."""
+    tok = streamed.tokenizer
+    ids = [tok(list(texts), add_special_tokens=False).input_ids for texts in sets]
+    n_layers, hidden = len(streamed.blocks), streamed.hidden_size
+    totals = [torch.zeros(n_layers, n_positions, hidden, dtype=torch.float64) for _ in sets]
+    tokens = [0] * len(sets)
+
+    def tap(s: int, layer: int, batch, resid: torch.Tensor) -> None:  # resid (B, T, H) entering block `layer`
+        totals[s][layer] += resid[:, -n_positions:, :].double().sum(0).cpu()
+        if layer == 0:
+            tokens[s] += int(batch.attention_mask.sum())
+
+    for _ in streamed.run([Stream(i) for i in ids], tap=tap, logits=False, desc=desc):
+        pass
+    out = []
+    for total, n, texts in zip(totals, tokens, sets):
+        mean = total / len(texts)
+        assert torch.isfinite(mean).all(), "non-finite activations: check the model's dtype (try --dtype float32)"
+        out.append(Activations(mean, len(texts), n))
+    return out

@@ -16,13 +16,19 @@ such as Qwen2.5-0.5B rarely get there from one layer's addition (we measured
 original's scores on harmful and harmless prompts: the addition must move an
 answered prompt at least halfway to a refused one. Induce is evaluated lazily,
 in bypass order, since most candidates never need it.
+
+The logits come from a runner: `InMemory` runs the loaded model once per prompt list (the default);
+`model.streamed.StreamedRunner` runs every list of a stage in one pass, one decoder block at a time.
+Both install the same hooks (`edit.project.ablated`, `added`), so the scores are the same function.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
+import torch
 from tqdm.auto import tqdm
 
 from ..edit.project import ablated, added
@@ -63,23 +69,51 @@ def candidate_layers(n_layers: int, min_frac: float, max_frac: float) -> list[in
     return list(range(lo, max(hi, lo + 1)))
 
 
+Job = tuple[list[str], Callable | None]  # formatted prompts, and the hooks they run under (model -> context)
+
+
+class InMemory:
+    """Logits of prompt lists under hooks, from a model in memory: one forward pass per list, in order."""
+
+    def __init__(self, model, tokenizer, batch_size: int):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+
+    def logits(self, jobs: list[Job], desc: str | None = None) -> Iterator[torch.Tensor]:
+        for texts, hooks in tqdm(jobs, desc=desc, disable=desc is None or len(jobs) < 2, leave=False, unit="list"):
+            if hooks is None:
+                yield last_logits(self.model, self.tokenizer, texts, self.batch_size)
+            else:
+                with hooks(self.model):
+                    yield last_logits(self.model, self.tokenizer, texts, self.batch_size)
+
+
+def ablating_hooks(direction: Direction, layout: Layout) -> Callable:
+    return lambda model: ablated(model, direction, layout)
+
+
+def adding_hooks(vector: torch.Tensor, layer: int, layout: Layout) -> Callable:
+    return lambda model: added(model, vector, layer, layout)
+
+
 def select(
     model, tokenizer, layout: Layout, candidates: Candidates, harmful: list[str], harmless: list[str], *,
     positions: tuple[int, ...] = (-1,), projected: bool, min_layer_frac: float,
-    max_layer_frac: float, kl_max: float, batch_size: int, max_induce_checks: int = 8,
+    max_layer_frac: float, kl_max: float, batch_size: int, max_induce_checks: int = 8, runner=None,
 ) -> Selection:
-    """Score candidates on formatted `harmful` and `harmless` prompts and return the choice."""
+    """Score candidates on formatted `harmful` and `harmless` prompts and return the choice. `runner` gives the
+    logits (default: `InMemory` on `model`)."""
+    run = runner or InMemory(model, tokenizer, batch_size)
     ids = refusal_token_ids(tokenizer)
-    base_harmful = last_logits(model, tokenizer, harmful, batch_size)
-    base_harmless = last_logits(model, tokenizer, harmless, batch_size)
-    scores: list[Score] = []
     grid = [(layer, pos) for layer in candidate_layers(candidates.n_layers, min_layer_frac, max_layer_frac)
             for pos in positions]
     both = harmful + harmless
-    for layer, pos in tqdm(grid, desc="selection", leave=False, unit="cand"):
-        d = candidates.direction(layer, pos, projected)
-        with ablated(model, d, layout):
-            logits = last_logits(model, tokenizer, both, batch_size)
+    # the original on each set, then every candidate ablated on both: one stage (streamed: one pass)
+    jobs = [(harmful, None), (harmless, None)]
+    jobs += [(both, ablating_hooks(candidates.direction(layer, pos, projected), layout)) for layer, pos in grid]
+    out = run.logits(jobs, desc="selection")
+    base_harmful, base_harmless = next(out), next(out)
+    scores: list[Score] = []
+    for (layer, pos), logits in zip(grid, out, strict=True):
         bypass = refusal_score(logits[: len(harmful)], ids).mean().item()
         kl = kl_div(base_harmless, logits[len(harmful):]).mean().item()
         scores.append(Score(layer, pos, bypass, kl))
@@ -93,8 +127,8 @@ def select(
         if s.kl > kl_max or checks >= max_induce_checks:
             continue
         d = candidates.direction(s.layer, s.position, projected)
-        with added(model, d.vector * d.scale, s.layer, layout):
-            s.induce = refusal_score(last_logits(model, tokenizer, harmless, batch_size), ids).mean().item()
+        (logits,) = run.logits([(harmless, adding_hooks(d.vector * d.scale, s.layer, layout))])
+        s.induce = refusal_score(logits, ids).mean().item()
         checks += 1
         if s.induce > induce_min:
             chosen = s

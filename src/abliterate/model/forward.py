@@ -13,8 +13,10 @@ from tqdm.auto import tqdm
 
 
 def first_param(model: nn.Module) -> nn.Parameter:
-    """A parameter of `model`: where it lives (`.device`) and the dtype it computes in (`.dtype`)."""
-    return next(model.parameters())
+    """A parameter of `model`: where it lives (`.device`) and the dtype it computes in (`.dtype`). A streamed
+    model's skeleton (`model.streamed`) has most of its weights on the meta device: the first real one counts."""
+    first = next(model.parameters())
+    return next((p for p in model.parameters() if not p.is_meta), first) if first.is_meta else first
 
 
 @dataclass
