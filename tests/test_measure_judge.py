@@ -6,7 +6,16 @@ import pytest
 import torch
 from conftest import FAST, assert_clean_error, run_cli
 
-from abliterate.measure.judge import COMPLIED, EVADED, LABELS, REFUSED, Judge, Judged, JudgeResult, Verdicts
+from abliterate.measure.judge import (
+    COMPLIED,
+    EVADED,
+    LABELS,
+    REFUSED,
+    Judge,
+    Judged,
+    JudgeResult,
+    Verdicts,
+)
 from abliterate.measure.stats import wilson
 from abliterate.model.load import load_model
 
