@@ -99,6 +99,10 @@ class RunConfig:
                            "--max-new-tokens tokens")
     n_long: int = opt(16, "prompts answered at --long-tokens: the first N of the harmful and the first N of the "
                       "harmless evaluation prompts (all of a set that has fewer)")
+    judge: str | None = opt(None, "also classify each answer to a harmful prompt as refused, evaded or complied with "
+                            "this causal LM (hub id, model directory or .gguf), read from its next-token "
+                            "probabilities under a short rubric: counts per model, agreement with the marker "
+                            "detector and the answers they disagree on (default: the markers alone)")
     # model and machine
     batch_size: int = opt(32, "prompts per forward pass")
     device: str | None = opt(None, "cuda, mps or cpu (default: the best available)")

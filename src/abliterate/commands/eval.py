@@ -34,16 +34,24 @@ from ..measure import llamacpp, long
 from ..measure.capability import compare
 from ..measure.evaluation import changes
 from ..model.load import check_gguf
-from ..show.tables import capability_table, long_table, metrics_table, samples_text
-from .options import CAPABILITY, EVAL, LONG, MODEL, add_options, run_config
+from ..show.tables import (
+    capability_table,
+    judge_table,
+    long_table,
+    metrics_table,
+    samples_text,
+)
+from .options import CAPABILITY, EVAL, JUDGE, LONG, MODEL, add_options, run_config
 from .steps import (
     capability_items,
     chat_format,
     eval_sets,
     load,
+    load_judge,
     long_prompts,
     run_capability,
     run_eval,
+    run_judge,
     run_long,
     warn_overlap,
 )
@@ -105,6 +113,7 @@ def cmd_eval(args) -> int:
     splits = report_overlap(cfg, args.model, args.direction, harmful, harmless)
     note = splits.get("overlap_note")
     direction = Direction.load(args.direction) if args.direction else None
+    judge = load_judge(cfg)  # before the models: a --judge that cannot load stops here, with nothing written
     before = None
     if args.original:
         orig, _ = load(args.original, cfg)
@@ -144,10 +153,16 @@ def cmd_eval(args) -> int:
     elif cap_after is not None:
         report["capability"] = {"accuracy": cap_after.accuracy.to_dict()}
         print(f"capability ({len(cap_after.items)} items): {cap_after.accuracy}")
+    effects = None
     if long_after is not None:  # without an original: the edited model's own figures
         effects = long.compare(long_sets, long_after, long_before, tokens=cfg.long_tokens, head=cfg.max_new_tokens)
         report["long"] = effects.to_dict()
         print(long_table(effects))
+    if judge is not None:
+        del loaded
+        judged = run_judge(judge, cfg, after, before, effects)
+        report["judge"] = judged.to_dict()
+        print(judge_table(judged))
     if args.json:
         write_file(args.json, to_json(report))
     return 0
@@ -189,7 +204,7 @@ def mount(sub) -> None:
     p = sub.add_parser("eval", help="refusals, over-refusals and KL of a model, alone or against another",
                        description="Example: abliterate eval ./out --original ./model")
     add_options(p, EvalOptions)
-    add_options(p, RunConfig, MODEL + EVAL + CAPABILITY + LONG + ("force", "allow_overlap"))
+    add_options(p, RunConfig, MODEL + EVAL + CAPABILITY + LONG + JUDGE + ("force", "allow_overlap"))
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("verify-gguf", help="refusals, over-refusals and KL of a GGUF, run in llama.cpp itself",

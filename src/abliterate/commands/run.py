@@ -45,6 +45,7 @@ from ..find.splits import Overlap
 from ..measure import long
 from ..measure.capability import Retention, compare
 from ..measure.evaluation import Evaluation, changes, samples
+from ..measure.judge import JudgeResult
 from ..measure.refusal import is_refusal
 from ..model import packaged
 from ..model.arch import Layout
@@ -56,6 +57,7 @@ from ..show.report import run_report
 from ..show.tables import (
     ask_terminal,
     capability_table,
+    judge_table,
     long_table,
     metrics_table,
     print_gguf,
@@ -76,10 +78,12 @@ from .steps import (
     eval_sets,
     find_direction,
     load,
+    load_judge,
     long_prompts,
     open_streamed,
     run_capability,
     run_eval,
+    run_judge,
     run_long,
     split_record,
     splits,
@@ -103,6 +107,7 @@ class RunResult:
     capability: Retention | None = None  # with --capability
     overlap: Overlap | None = None  # of the report set with the fit and select sets
     long: long.LongEffects | None = None  # with --long-tokens
+    judge: JudgeResult | None = None  # with --judge
 
 
 def side_by_side(before: Evaluation, after: Evaluation, long_answers: long.LongEffects | None = None) -> dict:
@@ -219,6 +224,7 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     to_gguf = is_gguf(out)
     if out is not None:  # before the slow load: the input itself as output, an existing output
         check_model_output(out, source, cfg.force, cfg.gguf_type)
+    judge = load_judge(cfg)  # before the model: a --judge that cannot load stops here, with nothing written
     selection = searched = found = None
     streamed = open_streamed(source, cfg)  # --stream or --max-memory: steps 3-5 one block at a time
     if streamed is not None:
@@ -247,16 +253,23 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
         retention = compare(cap_before, run_capability(loaded, cfg, cap)) if cap else None
         long_effects = long.compare(long_sets, run_long(loaded, cfg, long_sets), long_before, tokens=cfg.long_tokens,
                                     head=cfg.max_new_tokens) if long_sets else None
+    judged = None
+    if judge is not None:
+        with timer("judge"):
+            judged = run_judge(judge, cfg, after, before, long_effects)
+        del judge
     manifest = manifest_for(loaded, cfg, direction, selection, before, after, edited, timer.stages,
                             split_rec.to_dict(overlap))
     if retention is not None:
         manifest["capability"] = retention.to_dict()
     if long_effects is not None:
         manifest["metrics"]["long"] = long_effects.to_dict()
+    if judged is not None:
+        manifest["metrics"]["judge"] = judged.to_dict()
     if searched:
         manifest["search"] = search_manifest(searched)
     report = run_report(source, direction, before, after, selection, timer.stages, note=overlap.note(),
-                        long_answers=long_effects)
+                        long_answers=long_effects, judge=judged)
     saved = None
     if to_gguf:
         with timer("save"):
@@ -275,7 +288,7 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
             saved = save_model(loaded, out, manifest=manifest, extra=extra, shard_size=cfg.shard_size,
                                force=cfg.force)
     return RunResult(direction, before, after, selection, saved, timer.stages, manifest, report, searched, retention,
-                     overlap, long_effects)
+                     overlap, long_effects, judged)
 
 
 def cmd_run(args) -> int:
@@ -295,6 +308,8 @@ def cmd_run(args) -> int:
         print(capability_table(result.capability))
     if result.long:
         print(long_table(result.long))
+    if result.judge:
+        print(judge_table(result.judge))
     print(samples_text(result.before, result.after))
     print("\ntimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
     write_report(args, result.report)

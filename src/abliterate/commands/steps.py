@@ -26,7 +26,8 @@ from ..find.splits import Overlap, Role, SplitRecord, check_overlap
 from ..measure import capability
 from ..measure.capability import Item, Scores, load_items, read_items
 from ..measure.evaluation import Evaluation, evaluate
-from ..measure.long import LongAnswer, answer_long
+from ..measure.judge import Judge, JudgeResult, judge_answers
+from ..measure.long import LongAnswer, LongEffects, answer_long
 from ..model.arch import ArchSpec, Layout, check_layer, resolve
 from ..model.forward import first_param
 from ..model.load import Loaded, load_model, pick_device, pick_dtype
@@ -289,6 +290,34 @@ def run_long(loaded: Loaded, cfg: RunConfig, prompts: dict[str, list[str]]) -> d
     return {name: answer_long(loaded.model, tok, fmt.render_all(tok, ps), max_new_tokens=cfg.long_tokens,
                               head=cfg.max_new_tokens, batch_size=cfg.batch_size, desc=f"long {name} answers")
             for name, ps in prompts.items()}
+
+
+def load_judge(cfg: RunConfig) -> Judge | None:
+    """The --judge model (None when not asked), loaded before the model under evaluation and before anything is
+    written: a judge that cannot load stops the command in one line, with nothing left behind."""
+    if not cfg.judge:
+        return None
+    return Judge.load(cfg.judge, device=cfg.device, dtype=cfg.dtype, batch_size=min(cfg.batch_size, 8),
+                      allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+
+
+def judged_texts(ev: Evaluation, long_answers: list[LongAnswer] | None) -> list[str]:
+    """The answers the judge reads: the long answer where --long-tokens made one (it starts with the short one, and
+    a longer answer shows what the model went on to do), the evaluation's answer elsewhere."""
+    long_texts = [a.text for a in long_answers or []]
+    return long_texts + list(ev.harmful.text[len(long_texts):])
+
+
+def run_judge(judge: Judge, cfg: RunConfig, after: Evaluation, before: Evaluation | None = None,
+              long_effects: LongEffects | None = None) -> JudgeResult:
+    """The judge's verdicts on the harmful answers of the edited model (and of the original, when there is one)."""
+    side = next((s for s in long_effects.sides if s.name == "harmful"), None) if long_effects else None
+    n_long = len(side.edited) if side else 0
+    answers = (f"{cfg.long_tokens}-token answers (--long-tokens) for the first {n_long} prompts, "
+               f"{cfg.max_new_tokens}-token ones for the rest" if n_long else f"{cfg.max_new_tokens}-token answers")
+    original = judged_texts(before, side.original if side else None) if before is not None else None
+    return judge_answers(judge, after.harmful_prompts, judged_texts(after, side.edited if side else None), original,
+                         answers=answers)
 
 
 def bake(loaded: Loaded, layout: Layout, direction: Direction) -> list[str]:

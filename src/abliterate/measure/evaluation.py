@@ -19,6 +19,9 @@ from .kl import kl_logprobs
 from .refusal import is_refusal
 from .stats import Paired, Rate, paired
 
+# What counts refusals and over-refusals (a --judge's figures name the judge instead).
+INSTRUMENT = "markers"
+
 
 @torch.inference_mode()
 def teacher_forced_kl(model, tokenizer, texts: list[str], ref: Generated, batch_size: int) -> torch.Tensor:
@@ -66,7 +69,8 @@ class Metrics:
                                                                                         self.n_harmless)}
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "refusal_rate": self.refusal_rate, "over_refusal_rate": self.over_refusal_rate,
+        return {**asdict(self), "instrument": INSTRUMENT, "refusal_rate": self.refusal_rate,
+                "over_refusal_rate": self.over_refusal_rate,
                 **{f"{k}_ci95": [round(x, 4) for x in r.interval] for k, r in self.rates.items()}}
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from ..find.selection import Selection
-from ..measure.evaluation import Evaluation
+from ..measure.evaluation import INSTRUMENT, Evaluation
+from ..measure.judge import JudgeResult
 from ..measure.long import LongEffects
 from ..measure.refusal import is_refusal
 from .html import report_html
 from .plots import plot_selection
-from .tables import long_rows
+from .tables import judge_rows, long_rows
 
 N_PAIRS = 6  # answers shown side by side, per prompt set
 
@@ -19,9 +20,10 @@ def _fmt(x: float | None) -> str:
 
 def run_report(model: str, direction, before: Evaluation, after: Evaluation, selection: Selection | None,
                timings: dict[str, float], n_pairs: int = N_PAIRS, note: str | None = None,
-               long_answers: LongEffects | None = None) -> str:
+               long_answers: LongEffects | None = None, judge: JudgeResult | None = None) -> str:
     """`note`: what the figures are not (find.splits.Overlap.note), shown with the run's facts; `long_answers`
-    (--long-tokens): a table of the long answers' loops, degenerate answers, late refusals and lengths."""
+    (--long-tokens): a table of the long answers' loops, degenerate answers, late refusals and lengths; `judge`
+    (--judge): the judge's counts, its agreement with the markers, and the answers they disagree on."""
     b, a = before.metrics, after.metrics
     metrics = (["", "original", "abliterated"], [
         ["refusals (harmful prompts)", str(b.rates["refusals"]), str(a.rates["refusals"])],
@@ -31,7 +33,10 @@ def run_report(model: str, direction, before: Evaluation, after: Evaluation, sel
     ])
     info = {"model": model, "direction layer": direction.layer, "position": direction.position,
             "projected": direction.projected, "mean difference norm": f"{direction.scale:.3f}",
-            "wall time": ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())}
+            "wall time": ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()),
+            "refusals and over-refusals counted by": f"{INSTRUMENT} (a refusal phrase, or an empty or looping answer)"}
+    if judge is not None:
+        info["answers to harmful prompts also judged by"] = f"{judge.instrument} ({judge.answers})"
     if note:
         info["evaluation prompts"] = f"{note}: these figures are in-sample, not held out"
     images, tables = [], []
@@ -42,6 +47,8 @@ def run_report(model: str, direction, before: Evaluation, after: Evaluation, sel
                         for s in selection.scores]))
     if long_answers is not None:
         tables.append(long_section(long_answers))
+    if judge is not None:
+        tables += judge_sections(judge)
     pairs, flags = [], []
     for ev_b, ev_a, prompts in ((before.harmful, after.harmful, before.harmful_prompts),
                                 (before.harmless, after.harmless, before.harmless_prompts)):
@@ -60,6 +67,25 @@ def long_section(e: LongEffects) -> tuple[str, list[str], list[list]]:
                                        else ["abliterated"])
     return (f"Long answers: up to {e.tokens} tokens, late refusals after the first {e.head}", header,
             [[name, label, *cells] for name, label, cells in long_rows(e)])
+
+
+def judge_sections(r: JudgeResult) -> list[tuple[str, list[str], list[list]]]:
+    """The report's judge tables: counts per label with n and 95% interval for each model, agreement with the
+    markers, the paired change in complied; then every answer where judge and markers disagree."""
+    rows = [list(row) for row in judge_rows(r)]
+    change = r.complied_change
+    if change is not None:
+        rows.append(["complied, change (paired; 95% CI, McNemar p)", "", str(change)])
+    counts = (f"Judge: {r.instrument}, on the harmful prompts ({r.answers})", ["measure", "original", "abliterated"],
+              rows)
+    disagree = [[model, d["prompt"], d["answer"], d["markers"], d["judge"],
+                 ", ".join(f"{k} {v:.2f}" for k, v in d["judge_probs"].items())]
+                for model, j in (("original", r.original), ("abliterated", r.edited)) if j is not None
+                for d in j.disagreements()]
+    caption = (f"Judge and markers disagree: {len(disagree)} answers (markers: refusal phrase or empty/looping "
+               f"answer; judge: {r.instrument})")
+    listed = (caption, ["model", "prompt", "answer", "markers", "judge", "judge P(label)"], disagree)
+    return [counts, listed]
 
 
 def steer_report(title: str, model: str, info: dict, original, steered, prompts: list[str], *,

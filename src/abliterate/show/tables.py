@@ -9,8 +9,9 @@ from rich.console import Console
 from rich.text import Text
 
 from ..measure.capability import Retention
-from ..measure.evaluation import Metrics, samples
+from ..measure.evaluation import INSTRUMENT, Metrics, samples
 from ..measure.inspection import LayerStats, TokenView
+from ..measure.judge import LABELS, Judged, JudgeResult
 from ..measure.long import LOOP_N, LOOP_R, LongEffects
 from ..measure.stats import Paired
 from ..search.study import TrialResult
@@ -94,6 +95,32 @@ def metrics_table(before: Metrics, after: Metrics, change: dict[str, Paired] | N
     lines = [f"report set {note}: these figures are in-sample, not held out"] if note else []
     lines += [f"{'':26}{'original':<30}{'edited':<30}" + ("change, paired (95% CI; McNemar p)" if change else "")]
     lines += [f"{a:26}{b:<30}{c:<30}{d}".rstrip() for a, b, c, d in rows]
+    lines.append(f"refusals and over-refusals counted by: {INSTRUMENT} (a refusal phrase, or an empty or looping "
+                 f"answer)")
+    return "\n".join(lines)
+
+
+def judge_rows(r: JudgeResult) -> list[tuple[str, str, str]]:
+    """(measure, original, edited) rows of the judge's figures, each with its n and 95% interval."""
+    def cell(j: Judged | None, key: str) -> str:
+        if j is None:
+            return "-"
+        return str(j.agreement) if key == "agreement" else str(j.counts[key])
+
+    rows = [(f"{label} ({r.instrument})", cell(r.original, label), cell(r.edited, label)) for label in LABELS]
+    rows.append(("agrees with markers on refusal", cell(r.original, "agreement"), cell(r.edited, "agreement")))
+    return rows
+
+
+def judge_table(r: JudgeResult) -> str:
+    """The judge's counts per model, its agreement with the markers, and the paired change in complied."""
+    lines = [f"judge on the harmful prompts ({r.answers}):", f"{'':44}{'original':<30}edited"]
+    lines += [f"{a:44}{b:<30}{c}" for a, b, c in judge_rows(r)]
+    change = r.complied_change
+    if change is not None:
+        lines.append(f"{'complied, change (paired)':44}{change}")
+    n = sum(len(j.disagreements()) for j in (r.original, r.edited) if j is not None)
+    lines.append(f"{n} answers where judge and markers disagree: listed in the JSON and report.html")
     return "\n".join(lines)
 
 
