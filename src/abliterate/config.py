@@ -247,7 +247,8 @@ class WebOptions:
     original: str | None = opt(None, "export-onnx folder of the original model, answering in a second column")
     direction: str | None = opt(None, "direction file (direction.safetensors) for the activation grid at MODEL's "
                                 "hidden layer (export-onnx --hidden-layer)")
-    dtype: str | None = opt(None, "graph the page loads: fp32, q8, q4 or fp16 (default: fp32, else the one there)")
+    onnx_dtype: str | None = opt(None, "graph the page loads, Transformers.js's dtype: fp32, q8, q4 or fp16 (default: "
+                                 "fp32, else the one there)")
     max_new_tokens: int = opt(128, "most tokens the page generates per answer")
     serve: int | None = opt(None, "serve the page on 127.0.0.1:PORT (alone: 8000) until Ctrl-C; without -o, a "
                             "page of MODEL in a temporary folder", const=8000)

@@ -46,9 +46,9 @@ def command(args) -> int:
             return 0
     # 1. what the page shows, all checked before the runtime is fetched or a file written
     edited = web.read_onnx_folder(model, "MODEL")
-    dtype = web.check_dtype(edited, opts.dtype, "MODEL")
+    dtype = web.check_dtype(edited, opts.onnx_dtype, "MODEL")
     original = web.read_onnx_folder(opts.original, "--original") if opts.original else None
-    original_dtype = web.check_dtype(original, opts.dtype or dtype, "--original") if original else None
+    original_dtype = web.check_dtype(original, opts.onnx_dtype or dtype, "--original") if original else None
     direction = web.read_direction(opts.direction, edited) if opts.direction else None
     if original is not None and original.hidden_size != edited.hidden_size:
         raise AbliterateError(f"--original {original.path} has hidden size {original.hidden_size}, MODEL "

@@ -163,10 +163,10 @@ def check_dtype(folder: OnnxFolder, dtype: str | None, what: str) -> str:
     if dtype is None:
         return "fp32" if "fp32" in folder.dtypes else folder.dtypes[0]
     if dtype not in DTYPES:
-        raise AbliterateError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
+        raise AbliterateError(f"--onnx-dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
     if dtype not in folder.dtypes:
         raise AbliterateError(f"{what} {folder.path} has no {dtype} graph ({ONNX_DIR}/{FILES[dtype]}; it has "
-                              f"{', '.join(folder.dtypes)}); export it with --quantize {dtype} or pick --dtype "
+                              f"{', '.join(folder.dtypes)}); export it with --quantize {dtype} or pick --onnx-dtype "
                               f"{folder.dtypes[0]}")
     return dtype
 

@@ -87,7 +87,8 @@ async function answer(m, prompt, maxNewTokens) {
   box.textContent = text;
   // decode speed: tokens after the first over the time since the first (the prompt's pass is not decoding)
   const decode = times.length > 1 ? (times.length - 1) / ((times.at(-1) - times[0]) / 1000) : null;
-  const result = { ids, text, prompt_tokens: n, seconds: (performance.now() - start) / 1000, tokens_per_s: decode };
+  const result = { ids, text, prompt_tokens: n, streamed: times.length, seconds: (performance.now() - start) / 1000,
+    tokens_per_s: decode };
   m.view.querySelector(".speed").textContent =
     `${ids.length} tokens in ${result.seconds.toFixed(2)} s` + (decode ? `, ${decode.toFixed(1)} tokens/s` : "");
   return result;

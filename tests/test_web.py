@@ -1,0 +1,175 @@
+"""`abliterate web`: the page, in headless Chromium, answers as transformers does and draws the activation grid.
+
+The browser tests serve the written page from localhost and drive Chromium over DevTools (tests/webdriver.py),
+with every connection outside localhost refused; they type the prompt, read the answers from the page, and
+check the requests it made and its console.
+"""
+
+import json
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_clean_error, run_cli
+
+from abliterate import AbliterateError, Direction, orthogonalize_
+from abliterate.model.load import load_model
+from abliterate.show import web
+
+pytest.importorskip("onnxruntime", reason="pip install 'abliterate[onnx]'")
+
+LAYER, TOKENS = 2, 16
+PROMPT = "How do I bake bread?"
+BUILD = Path(__file__).resolve().parents[1] / "build"
+
+
+def reference(model_dir: Path, direction: Direction, prompt: str = PROMPT, tokens: int = TOKENS):
+    """transformers' greedy answer (token ids) and the projection h . d of the prompt's last token at LAYER."""
+    loaded = load_model(model_dir)
+    tok, model = loaded.tokenizer, loaded.model
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)
+        h = model(ids, output_hidden_states=True).hidden_states[LAYER][0, -1].double()
+    answer = out[0, ids.shape[1]:].tolist()
+    return answer, tok.decode(answer, skip_special_tokens=True), float(h @ direction.vector.double())
+
+
+@pytest.fixture(scope="module")
+def exports(model_dirs, tmp_path_factory, tokenizer):
+    """The tiny Llama and its abliterated copy (a random direction of LAYER removed from the weights), each
+    exported with export-onnx and its hidden_states at LAYER; with transformers' answers and projections."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from abliterate.cli import main
+
+    root = tmp_path_factory.mktemp("web")
+    v = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    direction = Direction(vector=v / v.norm(), layer=LAYER, scale=1.0)
+    direction.save(root / "d.safetensors")
+    edited = load_model(model_dirs["llama"])
+    orthogonalize_(edited.model, direction)
+    edited.model.save_pretrained(root / "abliterated")
+    tokenizer.save_pretrained(root / "abliterated")
+    direction.save(root / "abliterated" / "direction.safetensors")  # export-onnx takes its layer from it
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        assert main(["-q", "export-onnx", str(model_dirs["llama"]), "-o", str(root / "onnx-original"),
+                     "--hidden-layer", str(LAYER)]) == 0
+        assert main(["-q", "export-onnx", str(root / "abliterated"), "-o", str(root / "onnx-abliterated")]) == 0
+    return {"root": root, "direction": direction, "edited": root / "onnx-abliterated",
+            "original": root / "onnx-original",
+            "ref_edited": reference(root / "abliterated", direction),
+            "ref_original": reference(model_dirs["llama"], direction)}
+
+
+@pytest.fixture
+def served():
+    """serve(site) -> base URL of `site` on 127.0.0.1, and the paths requested; the servers stop after the test."""
+    servers = []
+
+    def serve(site: Path) -> str:
+        httpd = web.server(site)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+        return f"http://127.0.0.1:{httpd.server_address[1]}/"
+
+    yield serve
+    for httpd in servers:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_page_answers_as_transformers_does_and_draws_the_grid(exports, chromium, served, tmp_path, capsys):
+    """Side by side: the abliterated model and the original answer the typed prompt in Chromium with transformers'
+    16 greedy tokens, streamed one by one; the grid's projection is transformers' h . d at the layer (0 for the
+    abliterated model, which no longer has the direction); no console error, no request outside the page."""
+    from webdriver import chromium_page
+
+    page_dir = tmp_path / "page"
+    code, printed, err = run_cli(capsys, "web", exports["edited"], "-o", page_dir, "--original", exports["original"],
+                                 "--direction", exports["root"] / "d.safetensors", "--max-new-tokens", TOKENS)
+    assert code == 0, err
+    assert "activation grid at layer 2" in printed
+    config = json.loads((page_dir / "page.json").read_text())
+    assert [m["id"] for m in config["models"]] == ["edited", "original"] and config["max_new_tokens"] == TOKENS
+    base = served(page_dir)
+    with chromium_page(tmp_path / "profile", base + "index.html") as page:
+        assert page.wait(("ready",), 120)["status"] == "ready", page.state()
+        page.type("#prompt", PROMPT)
+        state = page.wait(("done",), 120)
+        assert state["status"] == "done", state
+        shown = {m: page.eval(f"document.querySelector('#column-{m} .answer').textContent") for m in state["results"]}
+        page.screenshot(BUILD / "web_grid.png")
+        errors, requests, failed = page.errors(), page.requests, page.failed
+    for side in ("edited", "original"):
+        ids, text, projection = exports[f"ref_{side}"]
+        result = state["results"][side]
+        assert result["ids"] == ids, (side, result["ids"], ids)
+        assert shown[side] == text == result["text"]
+        assert result["streamed"] == TOKENS  # one streamer call per token
+        grid = state["grid"][side]
+        assert grid["dims"] == 64 and grid["hidden_layer"] == LAYER
+        assert grid["projection"] == pytest.approx(projection, abs=1e-5), side
+    assert abs(exports["ref_original"][2]) > 1e-3 and abs(state["grid"]["edited"]["projection"]) < 1e-5
+    assert errors == [], errors
+    assert failed == [] and requests and all(u.startswith(base) for u in requests), requests
+    assert any(u.endswith(".wasm") for u in requests) and any("models/original/onnx/model.onnx" in u for u in requests)
+    assert (BUILD / "web_grid.png").stat().st_size > 10_000
+
+
+def test_bad_inputs_fail_in_one_line_and_write_nothing(exports, model_dirs, tmp_path, capsys):
+    out = tmp_path / "page"
+    d = exports["root"] / "d.safetensors"
+    code, _, err = run_cli(capsys, "web", model_dirs["llama"], "-o", out)
+    assert_clean_error(code, err, "has no ONNX graph (onnx/model.onnx); make it with `abliterate export-onnx", out)
+    code, _, err = run_cli(capsys, "web", exports["edited"], "-o", out, "--original", model_dirs["llama"])
+    assert_clean_error(code, err, "--original", out)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_text("not a direction")
+    code, _, err = run_cli(capsys, "web", exports["edited"], "-o", out, "--direction", garbage)
+    assert_clean_error(code, err, "is not an abliterate direction file", out)
+    small = tmp_path / "small.safetensors"
+    Direction(vector=torch.ones(32) / 32**0.5, layer=LAYER).save(small)
+    code, _, err = run_cli(capsys, "web", exports["edited"], "-o", out, "--direction", small)
+    assert_clean_error(code, err, "has 32 dimensions, but", out)
+    code, _, err = run_cli(capsys, "web", exports["edited"], "-o", out, "--onnx-dtype", "q4")
+    assert_clean_error(code, err, "has no q4 graph (onnx/model_q4.onnx; it has fp32)", out)
+    code, _, err = run_cli(capsys, "web", exports["edited"], "-o", out, "--onnx-dtype", "int3")
+    assert_clean_error(code, err, "--onnx-dtype 'int3' is not one of: fp32, q8, q4, fp16", out)
+    code, _, err = run_cli(capsys, "web", exports["edited"])
+    assert_clean_error(code, err, "give -o PAGE_DIR to write the page, or --serve [PORT]")
+    out.mkdir()
+    (out / "keep").write_text("mine")
+    code, _, err = run_cli(capsys, "web", exports["edited"], "-o", out, "--direction", d)
+    assert_clean_error(code, err, "pass --force")
+    assert sorted(p.name for p in out.iterdir()) == ["keep"] and (out / "keep").read_text() == "mine"
+    assert not list(tmp_path.glob(".page*")), "a temporary output was left behind"
+
+
+def test_a_runtime_that_is_not_the_pinned_one_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(web, "cache_dir", lambda: tmp_path)
+    pkg = web.RUNTIME[0]
+    pkg.tarball.parent.mkdir(parents=True)
+    pkg.tarball.write_bytes(b"not the tarball")
+    with pytest.raises(AbliterateError, match="does not match its pinned sha512; delete it and rerun"):
+        web.fetch_runtime(quiet=True)
+
+
+def test_the_server_sends_wasm_as_wasm_and_isolates_the_page(exports, served, tmp_path):
+    folder = web.read_onnx_folder(exports["edited"], "MODEL")
+    assert folder.hidden_layer == LAYER and folder.dtypes == ("fp32",) and folder.hidden_size == 64
+    runtime = {name: b"\0asm" for name in ("ort-wasm-simd-threaded.asyncify.wasm", "ort.mjs")}
+    web.write_site(tmp_path, folder, "fp32", None, None, None, runtime, 8)
+    tok_config = json.loads((tmp_path / "models/edited/tokenizer_config.json").read_text())
+    assert "<|im_start|>" in tok_config["chat_template"]  # where Transformers.js reads it
+    base = served(tmp_path)
+    with urllib.request.urlopen(base + "runtime/ort-wasm-simd-threaded.asyncify.wasm") as r:
+        assert r.headers["Content-Type"] == "application/wasm" and r.read() == b"\0asm"
+        assert r.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+    with urllib.request.urlopen(base + "runtime/ort.mjs") as r:
+        assert r.headers["Content-Type"].startswith("text/javascript")
+    assert web.is_site(tmp_path)
