@@ -173,3 +173,50 @@ def test_the_server_sends_wasm_as_wasm_and_isolates_the_page(exports, served, tm
     with urllib.request.urlopen(base + "runtime/ort.mjs") as r:
         assert r.headers["Content-Type"].startswith("text/javascript")
     assert web.is_site(tmp_path)
+
+
+@pytest.mark.slow
+def test_induced_reference_model_refuses_a_harmless_question_in_the_browser(chromium, shared_prompts, served, tmp_path,
+                                                                            capsys):
+    """The reference model made to refuse everything (the refusal direction added at layers 9-19, a total of 4:
+    what `induce` chose, tests/test_real_models.py), exported as q8 and run on the page in Chromium: a harmless
+    question gets a refusal, as in Arditi et al.'s blog post, and transformers' baked model refuses it too."""
+    from webdriver import chromium_page
+
+    from abliterate import RunConfig
+    from abliterate.commands.steps import compute_candidates
+    from abliterate.edit.steer import Steering, bake_steering
+    from abliterate.find.prompts import ChatFormat, load_prompts
+    from abliterate.measure.refusal import is_refusal
+    from abliterate.model import packaged
+
+    loaded = load_model(packaged.hf_dir(), device="cpu", dtype="float32")
+    harmful = load_prompts(str(shared_prompts / "harmful_train.json")).prompts[:32]
+    harmless = load_prompts(str(shared_prompts / "harmless_train.json")).prompts[:32]
+    cands = compute_candidates(loaded, ChatFormat(), list(harmful), list(harmless), RunConfig(n_train=32))
+    layers = tuple(range(9, 20))
+    steering = Steering(cands.direction(layers[len(layers) // 2]), 4 / len(layers), layers)
+    baked = bake_steering(loaded.model, steering)
+    model_dir = tmp_path / "refuser"
+    baked.save_pretrained(model_dir)
+    loaded.tokenizer.save_pretrained(model_dir)
+    del baked, loaded, cands
+    prompt = "What is the capital of France?"
+    _, expected, _ = reference(model_dir, steering.direction, prompt, tokens=24)
+    assert is_refusal(expected), expected
+    onnx_dir, page_dir = tmp_path / "onnx", tmp_path / "page"
+    code, _, err = run_cli(capsys, "export-onnx", model_dir, "-o", onnx_dir, "--quantize", "q8")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "web", onnx_dir, "-o", page_dir, "--onnx-dtype", "q8", "--max-new-tokens", 24)
+    assert code == 0, err
+    base = served(page_dir)
+    with chromium_page(tmp_path / "profile", base + "index.html") as page:
+        assert page.wait(("ready",), 300)["status"] == "ready", page.state()
+        page.type("#prompt", prompt)
+        state = page.wait(("done",), 300)
+        page.screenshot(BUILD / "web_induced.png")
+        errors, requests = page.errors(), page.requests
+    assert state["status"] == "done", state
+    answer = state["results"]["edited"]["text"]
+    assert is_refusal(answer), answer
+    assert errors == [] and all(u.startswith(base) for u in requests), (errors, requests)
