@@ -175,6 +175,32 @@ def test_the_server_sends_wasm_as_wasm_and_isolates_the_page(exports, served, tm
     assert web.is_site(tmp_path)
 
 
+def test_serve_serves_a_written_page_until_interrupted(exports, tmp_path):
+    """`web PAGE --serve 0`: a page written before, on a free port of 127.0.0.1; SIGINT stops it with exit 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    folder = web.read_onnx_folder(exports["edited"], "MODEL")
+    (tmp_path / "page").mkdir()
+    web.write_site(tmp_path / "page", folder, "fp32", None, None, None, {}, 8)
+    env = {**os.environ, "PYTHONPATH": str(Path(web.__file__).parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "abliterate.cli", "web", str(tmp_path / "page"), "--serve", "0"],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving ") and "http://127.0.0.1:" in line, line
+        url = line.split(" at ")[1].split()[0]
+        with urllib.request.urlopen(url + "page.json") as r:
+            assert json.loads(r.read())["models"][0]["id"] == "edited"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.slow
 def test_induced_reference_model_refuses_a_harmless_question_in_the_browser(chromium, shared_prompts, served, tmp_path,
                                                                             capsys):

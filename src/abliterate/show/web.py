@@ -274,9 +274,11 @@ def server(site: Path, port: int = 0, quiet: bool = True) -> http.server.Threadi
 def serve(site: Path, port: int) -> None:
     """Serve `site` on localhost until Ctrl-C."""
     httpd = server(site, port, quiet=False)
-    print(f"serving {site} at http://127.0.0.1:{httpd.server_address[1]}/ (Ctrl-C stops)")
+    print(f"serving {site} at http://127.0.0.1:{httpd.server_address[1]}/ (Ctrl-C stops)", flush=True)
     try:
         httpd.serve_forever()
+    except KeyboardInterrupt:  # the way to stop it: not an error
+        print("stopped")
     finally:
         httpd.server_close()
 
