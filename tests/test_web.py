@@ -87,6 +87,7 @@ def test_page_answers_as_transformers_does_and_draws_the_grid(exports, chromium,
     """Side by side: the abliterated model and the original answer the typed prompt in Chromium with transformers'
     16 greedy tokens, streamed one by one; the grid's projection is transformers' h . d at the layer (0 for the
     abliterated model, which no longer has the direction); no console error, no request outside the page."""
+    pytest.importorskip("websockets", reason="pip install websockets (in the [test] extra): the DevTools driver")
     from webdriver import chromium_page
 
     page_dir = tmp_path / "page"
@@ -207,6 +208,7 @@ def test_induced_reference_model_refuses_a_harmless_question_in_the_browser(chro
     """The reference model made to refuse everything (the refusal direction added at layers 9-19, a total of 4:
     what `induce` chose, tests/test_real_models.py), exported as q8 and run on the page in Chromium: a harmless
     question gets a refusal, as in Arditi et al.'s blog post, and transformers' baked model refuses it too."""
+    pytest.importorskip("websockets", reason="pip install websockets (in the [test] extra): the DevTools driver")
     from webdriver import chromium_page
 
     from abliterate import RunConfig
