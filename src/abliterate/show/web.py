@@ -33,6 +33,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import AbliterateError
+from ..export.files import write_file
 from ..export.onnx import FILES, ONNX_DIR, with_chat_template
 from ..model.packaged import cache_dir
 
@@ -107,9 +108,7 @@ def fetch_runtime(quiet: bool = False) -> dict[str, bytes]:
                 raise AbliterateError(f"{pkg.url} does not match its pinned sha512 ({pkg.integrity[:20]}...); "
                                       f"nothing was kept")
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            write_file(path, data)
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
             for member, name in pkg.files.items():
                 files[name] = tar.extractfile(member).read()
