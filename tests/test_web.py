@@ -160,6 +160,38 @@ def test_a_runtime_that_is_not_the_pinned_one_is_refused(tmp_path, monkeypatch):
         web.fetch_runtime(quiet=True)
 
 
+def test_the_runtime_is_fetched_once_checked_and_cached(tmp_path, monkeypatch, capsys):
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in (("package/dist/a.js", b"export {}"), ("package/LICENSE", b"MIT")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    tgz = buf.getvalue()
+    pkg = web.NpmPackage("@scope/lib", "1.0.0", web._sha512(tgz), {"package/dist/a.js": "a.js"})
+    monkeypatch.setattr(web, "RUNTIME", (pkg,))
+    monkeypatch.setattr(web, "cache_dir", lambda: tmp_path)
+    fetched = []
+
+    def urlopen(url, timeout):
+        fetched.append(url)
+        return io.BytesIO(tgz)
+
+    monkeypatch.setattr(web.urllib.request, "urlopen", urlopen)
+    assert web.fetch_runtime() == {"a.js": b"export {}"} == web.fetch_runtime()
+    assert fetched == ["https://registry.npmjs.org/@scope/lib/-/lib-1.0.0.tgz"]  # once
+    assert "fetching @scope/lib 1.0.0 from the npm registry, once" in capsys.readouterr().err
+    assert pkg.tarball.read_bytes() == tgz
+    pkg.tarball.unlink()
+    monkeypatch.setattr(web, "RUNTIME", (web.NpmPackage(pkg.name, pkg.version, "sha512-other", pkg.files),))
+    with pytest.raises(AbliterateError, match="does not match its pinned sha512"):
+        web.fetch_runtime(quiet=True)
+    assert not pkg.tarball.exists()  # a tarball that is not the pinned one is not kept
+
+
 def test_the_server_sends_wasm_as_wasm_and_isolates_the_page(exports, served, tmp_path):
     folder = web.read_onnx_folder(exports["edited"], "MODEL")
     assert folder.hidden_layer == LAYER and folder.dtypes == ("fp32",) and folder.hidden_size == 64
