@@ -9,6 +9,7 @@ import json
 import threading
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,14 +27,17 @@ BUILD = Path(__file__).resolve().parents[1] / "build"
 
 
 def reference(model_dir: Path, direction: Direction, prompt: str = PROMPT, tokens: int = TOKENS):
-    """transformers' greedy answer (token ids) and the projection h . d of the prompt's last token at LAYER."""
+    """transformers' greedy answer (token ids, text) and the projection h . d of the prompt's last token at LAYER."""
     loaded = load_model(model_dir)
-    tok, model = loaded.tokenizer, loaded.model
+    return answer_of(loaded.model, loaded.tokenizer, direction, prompt, tokens)
+
+
+@torch.no_grad()
+def answer_of(model, tok, direction: Direction, prompt: str, tokens: int):
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)
-        h = model(ids, output_hidden_states=True).hidden_states[LAYER][0, -1].double()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)
+    h = model(ids, output_hidden_states=True).hidden_states[LAYER][0, -1].double()
     answer = out[0, ids.shape[1]:].tolist()
     return answer, tok.decode(answer, skip_special_tokens=True), float(h @ direction.vector.double())
 
@@ -208,44 +212,50 @@ def test_the_server_sends_wasm_as_wasm_and_isolates_the_page(exports, served, tm
     assert web.is_site(tmp_path)
 
 
-def test_serve_serves_a_written_page_until_interrupted(exports, tmp_path):
-    """`web PAGE --serve 0`: a page written before, on a free port of 127.0.0.1; SIGINT stops it with exit 0."""
-    import os
-    import signal
-    import subprocess
-    import sys
+def test_serve_serves_a_written_page(exports, tmp_path, monkeypatch, capsys):
+    """`web PAGE --serve 0`: a page written before, on a free port of 127.0.0.1, until the server is stopped."""
+    from abliterate.cli import main
 
     folder = web.read_onnx_folder(exports["edited"], "MODEL")
     (tmp_path / "page").mkdir()
     web.write_site(tmp_path / "page", folder, "fp32", None, None, None, {}, 8)
-    env = {**os.environ, "PYTHONPATH": str(Path(web.__file__).parents[2])}
-    proc = subprocess.Popen([sys.executable, "-m", "abliterate.cli", "web", str(tmp_path / "page"), "--serve", "0"],
-                            stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("serving ") and "http://127.0.0.1:" in line, line
-        url = line.split(" at ")[1].split()[0]
-        with urllib.request.urlopen(url + "page.json") as r:
-            assert json.loads(r.read())["models"][0]["id"] == "edited"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 0
-    finally:
-        proc.kill()
-        proc.wait()
+    started, real, got = [], web.server, []
+    monkeypatch.setattr(web, "server", lambda *a, **k: started.append(real(*a, **k)) or started[-1])
+
+    def client():  # the command serves in the main thread (its signal handlers need it): look, then stop it
+        while not started:
+            threading.Event().wait(0.05)
+        try:
+            url = f"http://127.0.0.1:{started[0].server_address[1]}/"
+            with urllib.request.urlopen(url + "page.json", timeout=30) as r:
+                got.append((url, json.loads(r.read())))
+        finally:
+            started[0].shutdown()
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    assert main(["web", str(tmp_path / "page"), "--serve", "0"]) == 0
+    thread.join(10)
+    (url, page), = got
+    assert page["models"][0]["id"] == "edited"
+    assert f"serving {tmp_path / 'page'} at {url}" in capsys.readouterr().out
 
 
 @pytest.mark.slow
 def test_induced_reference_model_refuses_a_harmless_question_in_the_browser(chromium, shared_prompts, served, tmp_path,
                                                                             capsys):
-    """The reference model made to refuse everything (the refusal direction added at layers 9-19, a total of 4:
-    what `induce` chose, tests/test_real_models.py), exported as q8 and run on the page in Chromium: a harmless
-    question gets a refusal, as in Arditi et al.'s blog post, and transformers' baked model refuses it too."""
+    """The reference model made to refuse everything (the refusal direction of 32 + 32 prompts added at layers
+    9-19, a total of 4: what `induce` chose, tests/test_real_models.py), baked, exported as q8 and run on the page
+    in Chromium: a harmless question gets a refusal, as in Arditi et al.'s blog post, as it does in
+    transformers."""
     pytest.importorskip("websockets", reason="pip install websockets (in the [test] extra): the DevTools driver")
     from webdriver import chromium_page
 
     from abliterate import RunConfig
+    from abliterate.commands.export_onnx import write_configs
     from abliterate.commands.steps import compute_candidates
     from abliterate.edit.steer import Steering, bake_steering
+    from abliterate.export import onnx as ox
     from abliterate.find.prompts import ChatFormat, load_prompts
     from abliterate.measure.refusal import is_refusal
     from abliterate.model import packaged
@@ -257,16 +267,17 @@ def test_induced_reference_model_refuses_a_harmless_question_in_the_browser(chro
     layers = tuple(range(9, 20))
     steering = Steering(cands.direction(layers[len(layers) // 2]), 4 / len(layers), layers)
     baked = bake_steering(loaded.model, steering)
-    model_dir = tmp_path / "refuser"
-    baked.save_pretrained(model_dir)
-    loaded.tokenizer.save_pretrained(model_dir)
-    del baked, loaded, cands
     prompt = "What is the capital of France?"
-    _, expected, _ = reference(model_dir, steering.direction, prompt, tokens=24)
+    _, expected, _ = answer_of(baked, loaded.tokenizer, steering.direction, prompt, tokens=24)
     assert is_refusal(expected), expected
+    # The folder export-onnx writes, without its check against transformers (the fast tier's and bench_web's
+    # on this model): the page of the induced model is what this test is for, in CI's minutes.
     onnx_dir, page_dir = tmp_path / "onnx", tmp_path / "page"
-    code, _, err = run_cli(capsys, "export-onnx", model_dir, "-o", onnx_dir, "--quantize", "q8")
-    assert code == 0, err
+    (onnx_dir / ox.ONNX_DIR).mkdir(parents=True)
+    external = ox.weight_bytes(baked) > ox.EXTERNAL_BYTES
+    write_configs(SimpleNamespace(model=baked, tokenizer=loaded.tokenizer, source="refuser"), onnx_dir, external)
+    ox.quantize(ox.export_graph(baked, onnx_dir / ox.ONNX_DIR / ox.FILES["fp32"]), "q8", external)
+    del baked, loaded, cands
     code, _, err = run_cli(capsys, "web", onnx_dir, "-o", page_dir, "--onnx-dtype", "q8", "--max-new-tokens", 24)
     assert code == 0, err
     base = served(page_dir)
