@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # An unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install browser llama demo test test-fast bench bench-search bench-options bench-gguf clean
+.PHONY: install browser llama demo test test-fast bench bench-search bench-options bench-gguf bench-web clean
 
 $(BIN)/abliterate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ bench-options: install
 
 bench-gguf: install llama
 	$(BIN)/python benchmarks/bench_gguf.py
+
+# export-onnx and the web page on the reference model: sizes, agreement, CPU and in-browser tokens/s
+bench-web: install browser
+	$(BIN)/python benchmarks/bench_web.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -474,7 +474,8 @@ BASE = {"run": ["run", "{M}"], "demo": ["demo"], "directions": ["directions", "{
         "export-onnx": ["export-onnx", "{M}"], "eval": ["eval", "{M}"], "verify-gguf": ["verify-gguf", "{M}/x.gguf"],
         "steer": ["steer", "{M}", "--direction", "{M}/d.safetensors", "--strength", "1"],
         "sweep": ["sweep", "{M}", "--direction", "{M}/d.safetensors"], "induce": ["induce", "{M}"],
-        "inspect": ["inspect", "{M}"], "tokens": ["tokens", "{M}", "--direction", "{M}/d.safetensors", "--prompt", "hi"]}
+        "inspect": ["inspect", "{M}"], "tokens": ["tokens", "{M}", "--direction", "{M}/d.safetensors", "--prompt", "hi"],
+        "web": ["web", "{M}"]}
 REQUIRED_OUT = {"directions", "concept", "apply", "convert", "export-onnx"}  # -o is required: the case gives it
 
 

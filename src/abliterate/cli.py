@@ -7,10 +7,10 @@ import logging
 import signal
 import sys
 
-from .commands import apply, chat, convert, directions, eval, export_onnx, inspect, run, steer
+from .commands import apply, chat, convert, directions, eval, export_onnx, inspect, run, steer, web
 from .errors import AbliterateError
 
-COMMANDS = (run, directions, apply, convert, export_onnx, eval, steer, inspect, chat)  # each mounts its own subcommands
+COMMANDS = (run, directions, apply, convert, export_onnx, eval, steer, inspect, chat, web)  # each mounts its own subcommands
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,12 +21,13 @@ from .search.space import OPTIONS, parse_options
 
 
 def opt(default, help: str, *, flags: tuple[str, ...] = (), positional: bool = False, required: bool = False,
-        many: bool = False, output: str | None = None):
+        many: bool = False, output: str | None = None, const=None):
     """A field with its help text. flags: the option strings (default --field-name); many: repeatable;
     output: the option names a path the command writes, a "file" or a "model" (a directory, or NAME.gguf),
-    checked before any model loads (commands.options.check_outputs)."""
+    checked before any model loads (commands.options.check_outputs); const: the value of the option given
+    without one (`--serve` alone: `--serve [PORT]`)."""
     return field(default=default, metadata={"help": help, "flags": flags, "positional": positional,
-                                            "required": required, "many": many, "output": output})
+                                            "required": required, "many": many, "output": output, "const": const})
 
 
 MODEL_HELP = "hub id, model directory or .gguf file"
@@ -251,6 +252,22 @@ class ExportOnnxOptions:
     hidden_layer: int | None = opt(None, "also output the residual stream entering this layer (hidden_states), for "
                                    "an activation grid (default: the direction's layer when MODEL is a run's or an "
                                    "apply's output, else none)")
+
+
+@dataclass
+class WebOptions:
+    model: str = opt(None, "an export-onnx folder (the model the page runs), or a page folder `web` wrote (with "
+                     "--serve)", positional=True)
+    output: str | None = opt(None, "page directory to write: index.html, app.js, the runtime and the models",
+                             flags=("-o", "--output"), output="dir")
+    original: str | None = opt(None, "export-onnx folder of the original model, answering in a second column")
+    direction: str | None = opt(None, "direction file (direction.safetensors) for the activation grid at MODEL's "
+                                "hidden layer (export-onnx --hidden-layer)")
+    onnx_dtype: str | None = opt(None, "graph the page loads, Transformers.js's dtype: fp32, q8, q4 or fp16 (default: "
+                                 "fp32, else the one there)")
+    max_new_tokens: int = opt(128, "most tokens the page generates per answer")
+    serve: int | None = opt(None, "serve the page on 127.0.0.1:PORT (alone: 8000) until Ctrl-C; without -o, a "
+                            "page of MODEL in a temporary folder", const=8000)
 
 
 @dataclass

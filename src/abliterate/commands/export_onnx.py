@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from pathlib import Path
 
 from ..config import ExportOnnxOptions, RunConfig
@@ -96,8 +97,8 @@ def check_prompts(loaded: Loaded) -> list[list[int]]:
 
 
 def write_configs(loaded: Loaded, tmp: Path, external: bool) -> None:
-    """config.json, generation_config.json, tokenizer.json and tokenizer_config.json (and the tokenizer's other
-    files); with weights past 2 GB, config.json tells Transformers.js to fetch onnx/*.onnx_data."""
+    """config.json, generation_config.json, tokenizer.json and tokenizer_config.json (with the chat template, which
+    Transformers.js reads there) and the tokenizer's other files; with weights past 2 GB, config.json tells Transformers.js to fetch onnx/*.onnx_data."""
     config = loaded.model.config
     if external:
         config = config.__class__.from_dict({**config.to_dict(),
@@ -105,6 +106,9 @@ def write_configs(loaded: Loaded, tmp: Path, external: bool) -> None:
     config.save_pretrained(tmp)
     loaded.model.generation_config.save_pretrained(tmp)
     loaded.tokenizer.save_pretrained(tmp)
+    tok_config = tmp / "tokenizer_config.json"
+    if tok_config.is_file():
+        tok_config.write_text(to_json(ox.with_chat_template(tmp, json.loads(tok_config.read_text()))))
     if not (tmp / "tokenizer.json").is_file():
         raise AbliterateError(f"{loaded.source} has no fast tokenizer (tokenizer.json), which Transformers.js "
                               f"needs; save the model with a fast tokenizer (AutoTokenizer(use_fast=True)) first")

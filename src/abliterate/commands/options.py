@@ -55,6 +55,8 @@ def add_options(parser: argparse.ArgumentParser, cls, names=None) -> None:
             kw["required"] = True
         elif default is not None and "default" not in help_:
             kw["help"] = f"{help_} (default: {default})".replace("%", "%%").replace("%%%%", "%%")
+        if meta.get("const") is not None:
+            kw |= {"nargs": "?", "const": meta["const"]}
         action = parser.add_argument(*flags, type=base, default=default, metavar=f.name.upper(),
                                      action="append" if meta["many"] else "store", **kw)
         action.config = (cls, f.name)  # where the option came from: tests check every option has one

@@ -127,6 +127,16 @@ class _Decoder(nn.Module):
         return (out.logits, *presents, *extra)
 
 
+def with_chat_template(folder: Path, tokenizer_config: dict) -> dict:
+    """tokenizer_config.json's content with the chat template in it: transformers 5 saves the template as
+    chat_template.jinja beside it, but Transformers.js's tokenizer reads `chat_template` from this file only
+    (4.3.2: without it, apply_chat_template has no template and the page would send the bare prompt)."""
+    jinja = folder / "chat_template.jinja"
+    if "chat_template" in tokenizer_config or not jinja.is_file():
+        return tokenizer_config
+    return {**tokenizer_config, "chat_template": jinja.read_text(encoding="utf-8")}
+
+
 def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * 4 for p in model.parameters())  # written as float32
 
