@@ -217,9 +217,9 @@ def test_induced_model_refuses_harmless_prompts_coherently(qwen_dir, shared_prom
     gguf_out = tmp_path / "refuser.gguf"
     assert main(["-q", "convert", str(tmp_path / "refuser"), "-o", str(gguf_out)]) == 0
     tok = load_model(qwen_dir).tokenizer
-    texts = chat_format(cfg).render_all(tok, eval_sets(cfg)[1].prompts)  # as `induce` formatted them
+    texts = chat_format(cfg).render_all(tok, eval_sets(cfg)[1].prompts)[:16]  # as `induce` formatted them
     metrics, _, answers = llamacpp.evaluate(gguf_out, None, [], texts, max_new_tokens=cfg.max_new_tokens)
-    assert abs(metrics.over_refusals - round(32 * i.rate)) <= 2, (metrics.over_refusals, i.rate)
+    assert abs(metrics.over_refusals - sum(i.flags[:16])) <= 2, (metrics.over_refusals, i.flags[:16])
 
 
 def test_chinese_concept_shifts_answers_on_the_reference_model(qwen_dir, tmp_path):
@@ -375,14 +375,16 @@ def test_gguf_round_trip_loads_and_generates_in_llama_cpp(llama_cpp, which, tmp_
     """Llama (Q4_1) and Gemma 3 (Q4_K_M, post-norm edits) GGUFs, edited GGUF to GGUF, run in llama.cpp."""
     from abliterate.measure import llamacpp
 
+    import gguf
+
     src = reference.fetch(getattr(reference, which))
     d = tmp_path / "d.safetensors"
-    loaded = load_model(src)
-    layout = resolve(loaded.model)
+    fields = gguf.GGUFReader(str(src)).fields  # the sizes from the header: no need to load the model
+    arch = fields["general.architecture"].contents()
+    hidden, n_layers = fields[f"{arch}.embedding_length"].contents(), fields[f"{arch}.block_count"].contents()
     g = torch.Generator().manual_seed(0)
-    v = torch.randn(layout.hidden_size, generator=g)
-    Direction(vector=v / v.norm(), layer=layout.n_layers // 2).save(d)
-    del loaded
+    v = torch.randn(hidden, generator=g)
+    Direction(vector=v / v.norm(), layer=n_layers // 2).save(d)
     dst = tmp_path / "edited.gguf"
     assert main(["-q", "apply", str(src), "--direction", str(d), "-o", str(dst)]) == 0
     llm = llamacpp.load(dst)
