@@ -373,9 +373,9 @@ def test_control_vector_lowers_refusals_in_llama_cpp(llama_cpp, demo, shared_pro
 @pytest.mark.parametrize("which", ["SMOLLM2_135M", "GEMMA3_270M"])
 def test_gguf_round_trip_loads_and_generates_in_llama_cpp(llama_cpp, which, tmp_path):
     """Llama (Q4_1) and Gemma 3 (Q4_K_M, post-norm edits) GGUFs, edited GGUF to GGUF, run in llama.cpp."""
-    from abliterate.measure import llamacpp
-
     import gguf
+
+    from abliterate.measure import llamacpp
 
     src = reference.fetch(getattr(reference, which))
     d = tmp_path / "d.safetensors"
