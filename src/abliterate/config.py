@@ -79,12 +79,17 @@ class RunConfig:
     allow_overlap: bool = opt(False, "go on when evaluation prompts are also prompts the edit was fitted or selected "
                               "on (refused by default: such figures are not held out); the overlap is flagged in "
                               "the output and recorded")
-    capability: str | None = opt(None, "multiple-choice items that the original and the edited model both answer "
-                                 "(JSON or JSONL of question, choices, answer; FILE:N for a stratified sample of "
-                                 "N): accuracy of each, retention, items lost and gained, McNemar's p")
+    capability: str = opt("quick", "multiple-choice items that the original and the edited model both answer: "
+                          "'quick' (a stratified sample of 114 MMLU questions shipped with the package, 5-shot: "
+                          "catches a broken edit), a JSON or JSONL file of question, choices, answer (FILE:N for "
+                          "a stratified sample of N), or 'none' (off): accuracy of each, retention, items lost "
+                          "and gained, McNemar's p, per MMLU subject group (eval: with --original or --direction)")
     capability_dev: str | None = opt(None, "exemplars for few-shot prompts, by subject (e.g. MMLU's dev split); "
-                                     "without it the items are asked zero-shot")
-    capability_shots: int = opt(5, "exemplars per question when --capability-dev is given")
+                                     "without it a --capability FILE is asked zero-shot (quick has its own)")
+    capability_shots: int = opt(5, "exemplars per question when there are exemplars")
+    capability_protocol: str = opt("letter", "how a choice is scored: 'letter' (the likeliest of ' A', ' B', ... "
+                                   "after 'Answer:', lm-eval's mmlu) or 'cloze' (the likeliest choice text per "
+                                   "byte, lm-eval's mmlu_continuation acc_norm)")
     long_tokens: int = opt(0, "also answer --n-long prompts of each evaluation set at this many tokens, with the "
                            "original and the edited model (0, the default: off, as it adds two long generations "
                            "to a run; 128 or more to see past the start): loops, degenerate answers, length "
@@ -119,6 +124,8 @@ class RunConfig:
                                       + (", or leave the option out" if f.default is None else ""))
         check_device(self.device)
         check_dtype(self.dtype)
+        if self.capability_protocol not in ("letter", "cloze"):
+            raise AbliterateError(f"--capability-protocol {self.capability_protocol!r} is not one of: letter, cloze")
         if self.positions not in ("last", "all"):
             raise AbliterateError(f"--positions {self.positions!r} is not one of: last, all")
         for name in ("n_train", "n_select", "max_new_tokens", "kl_tokens", "batch_size", "trials", "n_search",

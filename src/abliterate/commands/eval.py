@@ -38,6 +38,7 @@ from ..show.tables import capability_table, long_table, metrics_table, samples_t
 from .options import CAPABILITY, EVAL, LONG, MODEL, add_options, run_config
 from .steps import (
     capability_items,
+    capability_record,
     chat_format,
     eval_sets,
     load,
@@ -97,6 +98,8 @@ def cmd_eval(args) -> int:
     cfg = run_config(args)
     harmful, harmless = eval_sets(cfg)
     cap = capability_items(cfg)
+    if cap is not None and cap.quick and not (args.original or args.direction):
+        cap = None  # the quick check by default compares two models; a --capability FILE is also scored alone
     cap_before = cap_after = None
     long_sets = long_prompts(cfg, harmful, harmless)
     long_before = long_after = None
@@ -139,7 +142,7 @@ def cmd_eval(args) -> int:
               f"not held out" if note else ""))
     if cap_before is not None:
         retention = compare(cap_before, cap_after)
-        report["capability"] = retention.to_dict()
+        report["capability"] = {**capability_record(cap, cap_before), **retention.to_dict()}
         print(capability_table(retention))
     elif cap_after is not None:
         report["capability"] = {"accuracy": cap_after.accuracy.to_dict()}

@@ -67,6 +67,7 @@ from .steps import (
     bake,
     candidates_from,
     capability_items,
+    capability_record,
     chat_format,
     checked_splits,
     collect_pair,
@@ -230,19 +231,20 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
         edited = apply_ablation_(loaded.model, searched.ablation, layout) if searched else bake(loaded, layout, direction)
     with timer("evaluate edited"):
         after = run_eval(loaded, cfg, eval_harmful, eval_harmless, reference=before)
-        retention = compare(cap_before, run_capability(loaded, cfg, cap)) if cap else None
+        cap_after = run_capability(loaded, cfg, cap) if cap else None
+        retention = compare(cap_before, cap_after) if cap else None
         long_effects = long.compare(long_sets, run_long(loaded, cfg, long_sets), long_before, tokens=cfg.long_tokens,
                                     head=cfg.max_new_tokens) if long_sets else None
     manifest = manifest_for(loaded, cfg, direction, selection, before, after, edited, timer.stages,
                             split_rec.to_dict(overlap))
     if retention is not None:
-        manifest["capability"] = retention.to_dict()
+        manifest["capability"] = {**capability_record(cap, cap_before), **retention.to_dict()}
     if long_effects is not None:
         manifest["metrics"]["long"] = long_effects.to_dict()
     if searched:
         manifest["search"] = search_manifest(searched)
     report = run_report(source, direction, before, after, selection, timer.stages, note=overlap.note(),
-                        long_answers=long_effects)
+                        long_answers=long_effects, capability=(retention, cap_before, cap_after) if cap else None)
     saved = None
     if to_gguf:
         with timer("save"):

@@ -218,19 +218,33 @@ class CapabilityItems:
     items: list[Item]
     dev: list[Item] | None
     shots: int
+    protocol: str = "letter"
+    quick: bool = False  # the packaged quick check (the default), not a file the user gave
 
 
 def capability_items(cfg: RunConfig) -> CapabilityItems | None:
-    """The --capability items, read before the model loads (None when not asked)."""
-    if not cfg.capability:
+    """The --capability items, read before the model loads (None: 'none')."""
+    if cfg.capability == "none":
         return None
+    if cfg.capability == "quick":
+        items, dev = capability.quick_items()
+        if cfg.capability_dev:
+            dev = read_items(cfg.capability_dev)
+        return CapabilityItems(items, dev, cfg.capability_shots, cfg.capability_protocol, quick=True)
     dev = read_items(cfg.capability_dev) if cfg.capability_dev else None
-    return CapabilityItems(load_items(cfg.capability, cfg.seed), dev, cfg.capability_shots if dev else 0)
+    return CapabilityItems(load_items(cfg.capability, cfg.seed), dev, cfg.capability_shots if dev else 0,
+                           cfg.capability_protocol)
+
+
+def capability_record(cap: CapabilityItems, scores: Scores) -> dict:
+    """What the capability figures were measured on, for the manifest and the JSON."""
+    return {"items": "quick (packaged MMLU sample)" if cap.quick else "--capability", "protocol": cap.protocol,
+            "shots": cap.shots, "seconds_original": round(scores.seconds, 1)}
 
 
 def run_capability(loaded: Loaded, cfg: RunConfig, cap: CapabilityItems) -> Scores:
     return capability.score(loaded.model, loaded.tokenizer, cap.items, shots=cap.shots, dev_items=cap.dev,
-                 batch_size=cfg.batch_size, desc="capability")
+                            batch_size=cfg.batch_size, desc="capability", protocol=cap.protocol)
 
 
 def long_prompts(cfg: RunConfig, harmful: PromptSet, harmless: PromptSet) -> dict[str, list[str]] | None:
