@@ -90,6 +90,10 @@ class RunConfig:
     capability_protocol: str = opt("letter", "how a choice is scored: 'letter' (the likeliest of ' A', ' B', ... "
                                    "after 'Answer:', lm-eval's mmlu) or 'cloze' (the likeliest choice text per "
                                    "byte, lm-eval's mmlu_continuation acc_norm)")
+    tasks: str | None = opt(None, "lm-eval tasks run on the original and the edited model (needs the [lmeval] "
+                            "extra): registered names or task YAML files, comma-separated (e.g. "
+                            "mmlu,gsm8k or ./task.yaml); each metric with lm-eval's stderr")
+    tasks_limit: int | None = opt(None, "lm-eval: at most this many documents per task (lm-eval's --limit)")
     long_tokens: int = opt(0, "also answer --n-long prompts of each evaluation set at this many tokens, with the "
                            "original and the edited model (0, the default: off, as it adds two long generations "
                            "to a run; 128 or more to see past the start): loops, degenerate answers, length "
@@ -124,6 +128,8 @@ class RunConfig:
                                       + (", or leave the option out" if f.default is None else ""))
         check_device(self.device)
         check_dtype(self.dtype)
+        if self.tasks_limit is not None and self.tasks_limit < 1:
+            raise AbliterateError(f"--tasks-limit must be at least 1, got {self.tasks_limit}; or leave it out")
         if self.capability_protocol not in ("letter", "cloze"):
             raise AbliterateError(f"--capability-protocol {self.capability_protocol!r} is not one of: letter, cloze")
         if self.positions not in ("last", "all"):

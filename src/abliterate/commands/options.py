@@ -20,7 +20,7 @@ SELECT = ("positions", "projected", "layer", "min_layer_frac", "max_layer_frac",
 EVAL = ("eval_harmful", "eval_harmless", "n_eval_harmful", "n_eval_harmless", "max_new_tokens", "kl_tokens",
         "system_prompt", "plain_prompts", "column")
 SAVE = ("shard_size", "force", "gguf_type", "gguf_fallback_type")
-CAPABILITY = ("capability", "capability_dev", "capability_shots", "capability_protocol")
+CAPABILITY = ("capability", "capability_dev", "capability_shots", "capability_protocol", "tasks", "tasks_limit")
 LONG = ("long_tokens", "n_long")
 FORMAT = ("system_prompt", "plain_prompts")
 ALL = tuple(f.name for f in fields(RunConfig))

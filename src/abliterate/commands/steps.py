@@ -21,7 +21,7 @@ from ..find.directions import Candidates, Direction
 from ..find.prompts import ChatFormat, PromptSet, load_prompts, prompts_sha256
 from ..find.selection import Selection, select
 from ..find.splits import Overlap, Role, SplitRecord, check_overlap
-from ..measure import capability
+from ..measure import capability, harness
 from ..measure.capability import Item, Scores, load_items, read_items
 from ..measure.evaluation import Evaluation, evaluate
 from ..measure.long import LongAnswer, answer_long
@@ -245,6 +245,15 @@ def capability_record(cap: CapabilityItems, scores: Scores) -> dict:
 def run_capability(loaded: Loaded, cfg: RunConfig, cap: CapabilityItems) -> Scores:
     return capability.score(loaded.model, loaded.tokenizer, cap.items, shots=cap.shots, dev_items=cap.dev,
                             batch_size=cfg.batch_size, desc="capability", protocol=cap.protocol)
+
+
+def harness_tasks(cfg: RunConfig) -> harness.Tasks | None:
+    """The --tasks of lm-eval, resolved before the model loads (None when not asked)."""
+    return harness.resolve(cfg.tasks) if cfg.tasks else None
+
+
+def run_harness(loaded: Loaded, cfg: RunConfig, tasks: harness.Tasks) -> dict:
+    return harness.run_tasks(loaded.model, loaded.tokenizer, tasks, batch_size=cfg.batch_size, limit=cfg.tasks_limit)
 
 
 def long_prompts(cfg: RunConfig, harmful: PromptSet, harmless: PromptSet) -> dict[str, list[str]] | None:
