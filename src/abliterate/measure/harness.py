@@ -43,7 +43,7 @@ _TagsAsText.add_multi_constructor("!", lambda loader, suffix, node: loader.const
 
 def task_yaml(path: Path) -> dict:
     """A task file's top-level keys, to read its `task:` name (lm-eval itself loads it to run it)."""
-    return yaml.load(path.read_text(encoding="utf-8"), Loader=_TagsAsText)  # noqa: S506  a SafeLoader subclass
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=_TagsAsText)  # a SafeLoader subclass
 
 
 @dataclass
