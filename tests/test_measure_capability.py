@@ -312,19 +312,25 @@ def test_cloze_cached_scores_equal_uncached(tokenizer):
 
 
 def test_run_checks_capability_by_default_with_groups_and_the_report_section(capsys, tmp_path, model_dirs):
-    """No --capability: the packaged quick sample, 5-shot (here its items of one subject: conftest's
-    small_quick_check), in the table, the manifest and report.html; --capability none turns it off."""
+    """No --capability: the packaged quick sample, zero-shot cloze (here its items of one subject: conftest's
+    small_quick_check), in the table, the manifest and report.html; the letter protocol 5-shot with the packaged
+    exemplars; --capability none turns it off."""
     out = tmp_path / "out"
     code, text, err = run_cli(capsys, "run", model_dirs["llama"], "-o", out, *FAST)
     assert code == 0, err
     n = len(capability.quick_items()[0])
     assert f"capability ({n} items): original" in text and "social sciences" in text
     cap = json.loads((out / "manifest.json").read_text())["capability"]
-    assert (cap["n"], cap["items"], cap["shots"], cap["protocol"]) == (n, "quick (packaged MMLU sample)", 5, "letter")
+    assert (cap["n"], cap["items"], cap["shots"], cap["protocol"]) == (n, "quick (packaged MMLU sample)", 0, "cloze")
     assert list(cap["groups"]) == ["social sciences"] and cap["groups"]["social sciences"]["n"] == n
     assert len(cap["accuracy_before"]["ci95"]) == len(cap["accuracy_after"]["ci95"]) == 2
     html = (out / "report.html").read_text()
-    assert f"What it cost: multiple-choice accuracy (5-shot, {n} items)" in html and "retention (95% CI)" in html
+    assert f"What it cost: multiple-choice accuracy (0-shot, {n} items)" in html and "retention (95% CI)" in html
+    code, text, err = run_cli(capsys, "run", model_dirs["llama"], "-o", tmp_path / "letter", *FAST,
+                              "--capability-protocol", "letter")
+    assert code == 0, err
+    cap = json.loads((tmp_path / "letter" / "manifest.json").read_text())["capability"]
+    assert (cap["n"], cap["shots"], cap["protocol"]) == (n, 5, "letter")
     code, text, err = run_cli(capsys, "run", model_dirs["llama"], "-o", tmp_path / "off", *FAST, "--capability", "none")
     assert code == 0, err
     assert "capability (" not in text and "capability" not in json.loads((tmp_path / "off" / "manifest.json").read_text())

@@ -80,16 +80,18 @@ class RunConfig:
                               "on (refused by default: such figures are not held out); the overlap is flagged in "
                               "the output and recorded")
     capability: str = opt("quick", "multiple-choice items that the original and the edited model both answer: "
-                          "'quick' (a stratified sample of 114 MMLU questions shipped with the package, 5-shot: "
-                          "catches a broken edit), a JSON or JSONL file of question, choices, answer (FILE:N for "
-                          "a stratified sample of N), or 'none' (off): accuracy of each, retention, items lost "
+                          "'quick' (a stratified sample of 114 MMLU questions shipped with the package: catches "
+                          "a broken edit), a JSON or JSONL file of question, choices, answer (FILE:N for a "
+                          "stratified sample of N), or 'none' (off): accuracy of each, retention, items lost "
                           "and gained, McNemar's p, per MMLU subject group (eval: with --original or --direction)")
     capability_dev: str | None = opt(None, "exemplars for few-shot prompts, by subject (e.g. MMLU's dev split); "
-                                     "without it a --capability FILE is asked zero-shot (quick has its own)")
+                                     "without it the items are asked zero-shot (quick with --capability-protocol "
+                                     "letter has its own)")
     capability_shots: int = opt(5, "exemplars per question when there are exemplars")
-    capability_protocol: str = opt("letter", "how a choice is scored: 'letter' (the likeliest of ' A', ' B', ... "
-                                   "after 'Answer:', lm-eval's mmlu) or 'cloze' (the likeliest choice text per "
-                                   "byte, lm-eval's mmlu_continuation acc_norm)")
+    capability_protocol: str = opt("cloze", "how a choice is scored: 'cloze' (the likeliest choice text per byte, "
+                                   "lm-eval's mmlu_continuation acc_norm: what small models can do) or 'letter' "
+                                   "(the likeliest of ' A', ' B', ... after 'Answer:', lm-eval's mmlu: chance on "
+                                   "the 0.5B reference model, docs/measure.md)")
     tasks: str | None = opt(None, "lm-eval tasks run on the original and the edited model (needs the [lmeval] "
                             "extra): registered names or task YAML files, comma-separated (e.g. "
                             "mmlu,gsm8k or ./task.yaml); each metric with lm-eval's stderr")

@@ -226,11 +226,13 @@ def capability_items(cfg: RunConfig) -> CapabilityItems | None:
     """The --capability items, read before the model loads (None: 'none')."""
     if cfg.capability == "none":
         return None
-    if cfg.capability == "quick":
+    if cfg.capability == "quick":  # cloze: zero-shot, as lm-eval's mmlu_continuation; letter: 5-shot, as mmlu
         items, dev = capability.quick_items()
         if cfg.capability_dev:
             dev = read_items(cfg.capability_dev)
-        return CapabilityItems(items, dev, cfg.capability_shots, cfg.capability_protocol, quick=True)
+        elif cfg.capability_protocol == "cloze":
+            dev = None
+        return CapabilityItems(items, dev, cfg.capability_shots if dev else 0, cfg.capability_protocol, quick=True)
     dev = read_items(cfg.capability_dev) if cfg.capability_dev else None
     return CapabilityItems(load_items(cfg.capability, cfg.seed), dev, cfg.capability_shots if dev else 0,
                            cfg.capability_protocol)
