@@ -4,21 +4,22 @@ An edit that removes refusals may also remove knowledge. KL at the first respons
 edited model's distribution moved, not whether it still knows things, so we also score MMLU-style
 questions (Hendrycks et al. 2021) before and after, item by item, and compare them paired (`stats.paired`).
 
-Protocol: lm-eval-harness's MMLU format, plain text, no chat template. A zero-shot check that read the
-first response token through the chat template measured chance (25.4%) on the reference model: a 0.5B
-chat model does not answer "Answer:" with a letter unless shown the pattern. Here a header and k solved
-exemplars of the same subject (MMLU's dev split) come first, and the choice is the letter whose
-continuation (" A", " B", ...) has the highest log-likelihood after "Answer:", the standard few-shot
-log-likelihood protocol, which does not depend on the model following instructions.
+Protocols, both lm-eval-harness's, plain text, no chat template (a zero-shot check that read the first
+response token through the chat template measured chance, 25.4%, on the reference model):
 
-Shots: 5, MMLU's standard. One shot is not enough on the reference model: 1-shot it scored 215/764
-(28%; 95% CI 25-31%), choosing A or C for 95% of the questions, as if copying the lone exemplar's letter
-(benchmarks/results/capability-reference.json). 5-shot did not fit the time of that session, so 5 is
-the protocol's standard, not yet a measured figure here.
+- "letter" (lm-eval's `mmlu`): a header, k solved exemplars of the same subject (MMLU's dev split), the
+  question with its lettered choices, and the choice whose letter (" A", " B", ...) is likeliest after
+  "Answer:". On the reference model (Qwen2.5-Coder-0.5B-Instruct) it measured chance: 1-shot 215/764 (28%;
+  95% CI 25-31%), 95% of the answers A or C; 5-shot 57/200 (28%; 95% CI 23-35%), 111 of them C. The prompt
+  is lm-eval's to the character, the letters are single tokens, and cached equals plain log-likelihoods; the
+  letters hold ~99% of the next-token mass, near uniformly: a 0.5B model follows the format without mapping
+  letters to answers (benchmarks/results/capability-letter-5shot-reference.json).
+- "cloze" (lm-eval's `mmlu_continuation`, the default): "Question: ...\nAnswer:" and the choice whose own
+  text is likeliest per byte (acc_norm), the form small-model evaluations use (SmolLM2's MMLU is cloze).
 
-The header and exemplars are the same for every question of a subject, so they are run once per subject
-and their key/value cache reused (`search.cached_logits`): with 5 shots that is most of every prompt's
-tokens. Everything is forward passes, so it works unchanged under hooks (`with ablated(model, d): ...`).
+Letter: the header and exemplars are the same for every question of a subject, so they are run once per
+subject and their key/value cache reused (`model.forward.cached_logits`): with 5 shots that is most of every
+prompt's tokens. Cloze: each question is run once and its cache reused for its choices. Everything is forward passes, so it works unchanged under hooks (`with ablated(model, d): ...`).
 """
 
 from __future__ import annotations
