@@ -13,8 +13,9 @@ On a shared CPU, score the two models in two single-threaded processes (`--part 
 each printing its part as JSON) and join them with `--combine ORIGINAL.json EDITED.json`. A part whose
 process was stopped early (its predictions so far dumped from the live process) has null predictions for
 the subjects it did not reach; the comparison is then on the items both parts answered and says so
-("incomplete"). No figure from this script is published yet: a first 1-shot run put the original at 28%
-(95% CI 25-31%) with 95% of its answers A or C, which measures the protocol, not the model.
+("incomplete"). With the letter protocol the reference model is at chance: 1-shot 215/764 (28%; 95% CI 25-31%), 95% of its
+answers A or C; 5-shot 57/200 (28%; 95% CI 23-35%), 111/200 C (docs/measure.md). `--protocol cloze`
+scores each choice's own text instead (lm-eval's mmlu_continuation).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def run_part(part: str, args, items, dev) -> dict:
            "letter_tokens": {x: tok(f" {x}", add_special_tokens=False).input_ids for x in "ABCD"},
            "joint_tokenization_agrees": joint_tokenization_agrees(tok, items),
            "prepare_s": round(time.perf_counter() - t0, 1)}
-    kw = {"shots": args.shots, "dev_items": dev, "batch_size": args.batch_size}
+    kw = {"shots": args.shots, "dev_items": dev, "batch_size": args.batch_size, "protocol": args.protocol}
     if part in ("both", "original"):
         print(f"scoring the original on {len(items)} items, {args.shots}-shot", file=sys.stderr)
         before = score(model, tok, items, desc="original", **kw)
@@ -94,6 +95,9 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=1000, help="stratified sample of MMLU test items")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--protocol", choices=["letter", "cloze"], default="letter",
+                        help="letter: ' A'..' D' after 'Answer:' (lm-eval's mmlu); cloze: each choice's text per byte "
+                             "(lm-eval's mmlu_continuation, acc_norm)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--part", choices=["both", "original", "edited"], default="both",
                         help="score one model only and print its part (run two processes on a shared machine, "
@@ -109,15 +113,17 @@ def main() -> int:
     else:
         parts = [run_part(args.part, args, items, dev)]
         if args.part != "both":
-            print(json.dumps({"part": args.part, "n": args.n, "seed": args.seed, "shots": args.shots, **parts[0]}))
+            print(json.dumps({"part": args.part, "n": args.n, "seed": args.seed, "shots": args.shots, "protocol": args.protocol,
+                              **parts[0]}))
             return 0
     merged = {k: v for p in parts for k, v in p.items()}
     for p in parts:  # parts of one report: same sample, same protocol
-        assert all(p.get(k, getattr(args, k)) == getattr(args, k) for k in ("n", "seed", "shots")), p.keys()
+        assert all(p.get(k, getattr(args, k)) == getattr(args, k) for k in ("n", "seed", "shots", "protocol")), p.keys()
     report = {k: v for k, v in merged.items() if k not in ("part", "original", "edited")}
     report.update(
-        protocol=f"MMLU, lm-eval format, {args.shots}-shot (dev exemplars of the same subject), plain text, "
-                 f"argmax log-likelihood of ' A'..' D' after 'Answer:'",
+        protocol=f"MMLU, lm-eval format, {args.shots}-shot (dev exemplars of the same subject), plain text, " + (
+            "argmax log-likelihood of ' A'..' D' after 'Answer:'" if args.protocol == "letter" else
+            "argmax log-likelihood per byte of ' <choice>' after 'Question: ...\nAnswer:' (mmlu_continuation)"),
         n=len(items), seed=args.seed, shots=args.shots)
     preds = {name: merged[name].pop("predicted") for name in ("original", "edited")}
     # A part cut short (its predictions dumped from the running process) has None for the subjects it did

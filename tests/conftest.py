@@ -19,6 +19,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from abliterate.cli import main  # noqa: E402  after the environment: the hub stays offline
 
+QUICK_SUBJECT = "high_school_geography"  # the fast tier's quick check: this subject's two packaged items
+
+
+@pytest.fixture(autouse=True)
+def small_quick_check(request, monkeypatch):
+    """`run` checks capability by default on the packaged quick sample (114 MMLU items, 5-shot): on the tiny
+    models' 512-token vocabulary its prompts are ~1,200 tokens per subject, about 50 s a run. The fast tier runs
+    that default path on the sample's items of one subject; tests that ask for `full_quick_sample`, and the
+    slow tier, get the whole sample."""
+    if "full_quick_sample" in request.fixturenames or request.node.get_closest_marker("slow"):
+        return
+    from abliterate.measure import capability
+
+    items, dev = capability.quick_items()
+    small = ([it for it in items if it.subject == QUICK_SUBJECT], [d for d in dev if d.subject == QUICK_SUBJECT])
+    monkeypatch.setattr(capability, "quick_items", lambda: small)
+
+
+@pytest.fixture
+def full_quick_sample():
+    """The packaged quick-check sample as shipped (see small_quick_check)."""
+
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -276,3 +276,79 @@ def test_run_and_eval_report_capability_with_intervals(capsys, tmp_path, model_d
     bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 5}\n')
     code, _, err = run_cli(capsys, "run", tmp_path / "no-model", "--capability", bad)
     assert_clean_error(code, err, str(bad))
+
+
+def test_quick_sample_is_the_stratified_sample_of_the_full_file(full_quick_sample):
+    items, dev = capability.quick_items()
+    assert len(items) == capability.QUICK_N and {it.subject for it in items} == set(SUBJECT_GROUP)
+    assert all(sum(d.subject == s for d in dev) == 5 for s in SUBJECT_GROUP)  # 5-shot for every subject
+    path = MMLU / "mmlu_test.jsonl"
+    if not path.is_file():
+        pytest.skip(f"MMLU data not found at {path}")
+    assert items == stratified(read_items(path), capability.QUICK_N, 0)  # benchmarks/make_mmlu_quick.py, seed 0
+
+
+def test_cloze_cached_scores_equal_uncached(tokenizer):
+    """The continuation protocol: each choice's own text scored after 'Answer:', per byte (lm-eval's acc_norm)."""
+    model = make_model("qwen2", tokenizer)
+    items, dev = _items()
+    got = score(model, tokenizer, items, shots=1, dev_items=dev, batch_size=3, protocol="cloze")
+    enc = lambda t: tokenizer(t, add_special_tokens=False).input_ids
+    for it, row, pred in zip(items, got.logprobs, got.predicted):
+        base = enc(prefix_text(it.subject, [d for d in dev if d.subject == it.subject][:1], "cloze")
+                   + question_text(it, "cloze"))
+        assert question_text(it, "cloze") == f"Question: {it.question}\nAnswer:"
+        ref = []
+        for c in capability.continuations(it, "cloze"):
+            ids = enc(c)
+            with torch.inference_mode():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([base + ids])).logits[0].double(), -1)
+            ref.append(float(sum(logp[len(base) - 1 + t, ids[t]] for t in range(len(ids)))))
+        assert row == pytest.approx(ref, abs=1e-4)
+        norm = [lp / len(f" {c}".encode()) for lp, c in zip(ref, it.choices)]
+        assert pred == max(range(4), key=norm.__getitem__)
+    with pytest.raises(AbliterateError, match="protocol 'mc' is not one of: letter, cloze"):
+        score(model, tokenizer, items, shots=0, protocol="mc")
+
+
+def test_run_checks_capability_by_default_with_groups_and_the_report_section(capsys, tmp_path, model_dirs):
+    """No --capability: the packaged quick sample, zero-shot cloze (here its items of one subject: conftest's
+    small_quick_check), in the table, the manifest and report.html; the letter protocol 5-shot with the packaged
+    exemplars; --capability none turns it off."""
+    out = tmp_path / "out"
+    code, text, err = run_cli(capsys, "run", model_dirs["llama"], "-o", out, *FAST)
+    assert code == 0, err
+    n = len(capability.quick_items()[0])
+    assert f"capability ({n} items): original" in text and "social sciences" in text
+    cap = json.loads((out / "manifest.json").read_text())["capability"]
+    assert (cap["n"], cap["items"], cap["shots"], cap["protocol"]) == (n, "quick (packaged MMLU sample)", 0, "cloze")
+    assert list(cap["groups"]) == ["social sciences"] and cap["groups"]["social sciences"]["n"] == n
+    assert len(cap["accuracy_before"]["ci95"]) == len(cap["accuracy_after"]["ci95"]) == 2
+    html = (out / "report.html").read_text()
+    assert f"What it cost: multiple-choice accuracy (0-shot, {n} items)" in html and "retention (95% CI)" in html
+    code, text, err = run_cli(capsys, "run", model_dirs["llama"], "-o", tmp_path / "letter", *FAST,
+                              "--capability-protocol", "letter")
+    assert code == 0, err
+    cap = json.loads((tmp_path / "letter" / "manifest.json").read_text())["capability"]
+    assert (cap["n"], cap["shots"], cap["protocol"]) == (n, 5, "letter")
+    code, text, err = run_cli(capsys, "run", model_dirs["llama"], "-o", tmp_path / "off", *FAST, "--capability", "none")
+    assert code == 0, err
+    assert "capability (" not in text and "capability" not in json.loads((tmp_path / "off" / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("row, message", [
+    ({k: v for k, v in GOOD.items() if k != "answer"}, "no 'answer'"),
+    ({**GOOD, "answer": 7}, "answer 7 is not a choice; use an index 0-3"),
+    ({**GOOD, "choices": ["only"]}, "'choices' must be a list of at least two strings"),
+])
+def test_bad_capability_file_on_the_command_line(capsys, tmp_path, model_dirs, row, message):
+    """One line naming the file, exit 2, before the model loads and with nothing written."""
+    bad = write(tmp_path, "bad.jsonl", jsonl(GOOD, row))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "run", model_dirs["llama"], "-o", out, *FAST, "--capability", bad)
+    assert_clean_error(code, err, f"{bad}: line 2: {message}", out)
+    code, _, err = run_cli(capsys, "eval", model_dirs["llama"], "--original", model_dirs["llama"], *FAST[4:],
+                           "--capability", bad, "--json", tmp_path / "e.json")
+    assert_clean_error(code, err, message, tmp_path / "e.json")
+    code, _, err = run_cli(capsys, "run", model_dirs["llama"], "-o", out, "--capability-protocol", "mc")
+    assert_clean_error(code, err, "--capability-protocol 'mc' is not one of: letter, cloze", out)

@@ -87,12 +87,23 @@ class RunConfig:
     allow_overlap: bool = opt(False, "go on when evaluation prompts are also prompts the edit was fitted or selected "
                               "on (refused by default: such figures are not held out); the overlap is flagged in "
                               "the output and recorded")
-    capability: str | None = opt(None, "multiple-choice items that the original and the edited model both answer "
-                                 "(JSON or JSONL of question, choices, answer; FILE:N for a stratified sample of "
-                                 "N): accuracy of each, retention, items lost and gained, McNemar's p")
+    capability: str = opt("quick", "multiple-choice items that the original and the edited model both answer: "
+                          "'quick' (a stratified sample of 114 MMLU questions shipped with the package: catches "
+                          "a broken edit), a JSON or JSONL file of question, choices, answer (FILE:N for a "
+                          "stratified sample of N), or 'none' (off): accuracy of each, retention, items lost "
+                          "and gained, McNemar's p, per MMLU subject group (eval: with --original or --direction)")
     capability_dev: str | None = opt(None, "exemplars for few-shot prompts, by subject (e.g. MMLU's dev split); "
-                                     "without it the items are asked zero-shot")
-    capability_shots: int = opt(5, "exemplars per question when --capability-dev is given")
+                                     "without it the items are asked zero-shot (quick with --capability-protocol "
+                                     "letter has its own)")
+    capability_shots: int = opt(5, "exemplars per question when there are exemplars")
+    capability_protocol: str = opt("cloze", "how a choice is scored: 'cloze' (the likeliest choice text per byte, "
+                                   "lm-eval's mmlu_continuation acc_norm: what small models can do) or 'letter' "
+                                   "(the likeliest of ' A', ' B', ... after 'Answer:', lm-eval's mmlu: chance on "
+                                   "the 0.5B reference model, docs/measure.md)")
+    tasks: str | None = opt(None, "lm-eval tasks run on the original and the edited model (needs the [lmeval] "
+                            "extra): registered names or task YAML files, comma-separated (e.g. "
+                            "mmlu,gsm8k or ./task.yaml); each metric with lm-eval's stderr")
+    tasks_limit: int | None = opt(None, "lm-eval: at most this many documents per task (lm-eval's --limit)")
     long_tokens: int = opt(0, "also answer --n-long prompts of each evaluation set at this many tokens, with the "
                            "original and the edited model (0, the default: off, as it adds two long generations "
                            "to a run; 128 or more to see past the start): loops, degenerate answers, length "
@@ -131,6 +142,10 @@ class RunConfig:
                                       + (", or leave the option out" if f.default is None else ""))
         check_device(self.device)
         check_dtype(self.dtype)
+        if self.tasks_limit is not None and self.tasks_limit < 1:
+            raise AbliterateError(f"--tasks-limit must be at least 1, got {self.tasks_limit}; or leave it out")
+        if self.capability_protocol not in ("letter", "cloze"):
+            raise AbliterateError(f"--capability-protocol {self.capability_protocol!r} is not one of: letter, cloze")
         if self.positions not in ("last", "all"):
             raise AbliterateError(f"--positions {self.positions!r} is not one of: last, all")
         for name in ("n_train", "n_select", "max_new_tokens", "kl_tokens", "batch_size", "trials", "n_search",

@@ -30,7 +30,7 @@ from ..export.outputs import is_gguf
 from ..find.directions import Direction
 from ..find.prompts import PromptSet
 from ..find.splits import check_overlap, overlap, recorded
-from ..measure import llamacpp, long
+from ..measure import harness, llamacpp, long
 from ..measure.capability import compare
 from ..measure.evaluation import changes
 from ..model.load import check_gguf
@@ -44,13 +44,16 @@ from ..show.tables import (
 from .options import CAPABILITY, EVAL, JUDGE, LONG, MODEL, add_options, run_config
 from .steps import (
     capability_items,
+    capability_record,
     chat_format,
     eval_sets,
+    harness_tasks,
     load,
     load_judge,
     long_prompts,
     run_capability,
     run_eval,
+    run_harness,
     run_judge,
     run_long,
     warn_overlap,
@@ -105,7 +108,11 @@ def cmd_eval(args) -> int:
     cfg = run_config(args)
     harmful, harmless = eval_sets(cfg)
     cap = capability_items(cfg)
+    if cap is not None and cap.quick and not (args.original or args.direction):
+        cap = None  # the quick check by default compares two models; a --capability FILE is also scored alone
     cap_before = cap_after = None
+    tasks = harness_tasks(cfg)
+    tasks_before = tasks_after = None
     long_sets = long_prompts(cfg, harmful, harmless)
     long_before = long_after = None
     if args.direction and args.original:
@@ -119,6 +126,7 @@ def cmd_eval(args) -> int:
         orig, _ = load(args.original, cfg)
         before = run_eval(orig, cfg, harmful, harmless)
         cap_before = run_capability(orig, cfg, cap) if cap else None
+        tasks_before = run_harness(orig, cfg, tasks) if tasks else None
         long_before = run_long(orig, cfg, long_sets) if long_sets else None
         del orig
     loaded, layout = load(args.model, cfg)
@@ -126,14 +134,17 @@ def cmd_eval(args) -> int:
         direction.check_model(layout.hidden_size, layout.n_layers)
         before = run_eval(loaded, cfg, harmful, harmless)
         cap_before = run_capability(loaded, cfg, cap) if cap else None
+        tasks_before = run_harness(loaded, cfg, tasks) if tasks else None
         long_before = run_long(loaded, cfg, long_sets) if long_sets else None
         with ablated(loaded.model, direction, layout):
             after = run_eval(loaded, cfg, harmful, harmless, reference=before)
             cap_after = run_capability(loaded, cfg, cap) if cap else None
+            tasks_after = run_harness(loaded, cfg, tasks) if tasks else None
             long_after = run_long(loaded, cfg, long_sets) if long_sets else None
     else:
         after = run_eval(loaded, cfg, harmful, harmless, reference=before)
         cap_after = run_capability(loaded, cfg, cap) if cap else None
+        tasks_after = run_harness(loaded, cfg, tasks) if tasks else None
         long_after = run_long(loaded, cfg, long_sets) if long_sets else None
     report = {"model": args.model, "after": after.metrics.to_dict(), "splits": splits}
     if before is not None:
@@ -148,12 +159,15 @@ def cmd_eval(args) -> int:
               f"not held out" if note else ""))
     if cap_before is not None:
         retention = compare(cap_before, cap_after)
-        report["capability"] = retention.to_dict()
+        report["capability"] = {**capability_record(cap, cap_before), **retention.to_dict()}
         print(capability_table(retention))
     elif cap_after is not None:
         report["capability"] = {"accuracy": cap_after.accuracy.to_dict()}
         print(f"capability ({len(cap_after.items)} items): {cap_after.accuracy}")
     effects = None
+    if tasks_after is not None:
+        report["lm_eval"] = harness.compare(tasks_before, tasks_after)
+        print(harness.table(report["lm_eval"]))
     if long_after is not None:  # without an original: the edited model's own figures
         effects = long.compare(long_sets, long_after, long_before, tokens=cfg.long_tokens, head=cfg.max_new_tokens)
         report["long"] = effects.to_dict()

@@ -21,7 +21,7 @@ STREAM = ("stream", "max_memory")
 EVAL = ("eval_harmful", "eval_harmless", "n_eval_harmful", "n_eval_harmless", "max_new_tokens", "kl_tokens",
         "system_prompt", "plain_prompts", "column")
 SAVE = ("shard_size", "force", "gguf_type", "gguf_fallback_type")
-CAPABILITY = ("capability", "capability_dev", "capability_shots")
+CAPABILITY = ("capability", "capability_dev", "capability_shots", "capability_protocol", "tasks", "tasks_limit")
 LONG = ("long_tokens", "n_long")
 JUDGE = ("judge",)
 FORMAT = ("system_prompt", "plain_prompts")

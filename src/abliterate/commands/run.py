@@ -42,7 +42,7 @@ from ..export.outputs import (
 from ..find.directions import Candidates, Direction
 from ..find.selection import Selection
 from ..find.splits import Overlap
-from ..measure import long
+from ..measure import harness, long
 from ..measure.capability import Retention, compare
 from ..measure.evaluation import Evaluation, changes, samples
 from ..measure.judge import JudgeResult
@@ -72,17 +72,20 @@ from .steps import (
     bake,
     candidates_from,
     capability_items,
+    capability_record,
     chat_format,
     checked_splits,
     collect_pair,
     eval_sets,
     find_direction,
+    harness_tasks,
     load,
     load_judge,
     long_prompts,
     open_streamed,
     run_capability,
     run_eval,
+    run_harness,
     run_judge,
     run_long,
     split_record,
@@ -220,6 +223,7 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     split_rec = split_record(cfg, sp, report_sets)
     overlap = checked_splits(cfg, split_rec)
     cap = capability_items(cfg)
+    tasks = harness_tasks(cfg)
     long_sets = long_prompts(cfg, eval_harmful, eval_harmless)
     to_gguf = is_gguf(out)
     if out is not None:  # before the slow load: the input itself as output, an existing output
@@ -245,12 +249,15 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     with timer("evaluate original"):
         before = run_eval(loaded, cfg, eval_harmful, eval_harmless)
         cap_before = run_capability(loaded, cfg, cap) if cap else None
+        tasks_before = run_harness(loaded, cfg, tasks) if tasks else None
         long_before = run_long(loaded, cfg, long_sets) if long_sets else None
     with timer("orthogonalize"):
         edited = apply_ablation_(loaded.model, searched.ablation, layout) if searched else bake(loaded, layout, direction)
     with timer("evaluate edited"):
         after = run_eval(loaded, cfg, eval_harmful, eval_harmless, reference=before)
-        retention = compare(cap_before, run_capability(loaded, cfg, cap)) if cap else None
+        cap_after = run_capability(loaded, cfg, cap) if cap else None
+        retention = compare(cap_before, cap_after) if cap else None
+        lm_eval = harness.compare(tasks_before, run_harness(loaded, cfg, tasks)) if tasks else None
         long_effects = long.compare(long_sets, run_long(loaded, cfg, long_sets), long_before, tokens=cfg.long_tokens,
                                     head=cfg.max_new_tokens) if long_sets else None
     judged = None
@@ -261,7 +268,9 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     manifest = manifest_for(loaded, cfg, direction, selection, before, after, edited, timer.stages,
                             split_rec.to_dict(overlap))
     if retention is not None:
-        manifest["capability"] = retention.to_dict()
+        manifest["capability"] = {**capability_record(cap, cap_before), **retention.to_dict()}
+    if lm_eval is not None:
+        manifest["lm_eval"] = lm_eval
     if long_effects is not None:
         manifest["metrics"]["long"] = long_effects.to_dict()
     if judged is not None:
@@ -269,7 +278,8 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     if searched:
         manifest["search"] = search_manifest(searched)
     report = run_report(source, direction, before, after, selection, timer.stages, note=overlap.note(),
-                        long_answers=long_effects, judge=judged)
+                        long_answers=long_effects, judge=judged,
+                        capability=(retention, cap_before, cap_after) if cap else None)
     saved = None
     if to_gguf:
         with timer("save"):
@@ -306,6 +316,8 @@ def cmd_run(args) -> int:
                         result.overlap.note() if result.overlap else None))
     if result.capability:
         print(capability_table(result.capability))
+    if "lm_eval" in result.manifest:
+        print(harness.table(result.manifest["lm_eval"]))
     if result.long:
         print(long_table(result.long))
     if result.judge:

@@ -23,7 +23,7 @@ from ..find.directions import Candidates, Direction
 from ..find.prompts import ChatFormat, PromptSet, load_prompts, prompts_sha256
 from ..find.selection import Selection, select
 from ..find.splits import Overlap, Role, SplitRecord, check_overlap
-from ..measure import capability
+from ..measure import capability, harness
 from ..measure.capability import Item, Scores, load_items, read_items
 from ..measure.evaluation import Evaluation, evaluate
 from ..measure.judge import Judge, JudgeResult, judge_answers
@@ -262,19 +262,44 @@ class CapabilityItems:
     items: list[Item]
     dev: list[Item] | None
     shots: int
+    protocol: str = "letter"
+    quick: bool = False  # the packaged quick check (the default), not a file the user gave
 
 
 def capability_items(cfg: RunConfig) -> CapabilityItems | None:
-    """The --capability items, read before the model loads (None when not asked)."""
-    if not cfg.capability:
+    """The --capability items, read before the model loads (None: 'none')."""
+    if cfg.capability == "none":
         return None
+    if cfg.capability == "quick":  # cloze: zero-shot, as lm-eval's mmlu_continuation; letter: 5-shot, as mmlu
+        items, dev = capability.quick_items()
+        if cfg.capability_dev:
+            dev = read_items(cfg.capability_dev)
+        elif cfg.capability_protocol == "cloze":
+            dev = None
+        return CapabilityItems(items, dev, cfg.capability_shots if dev else 0, cfg.capability_protocol, quick=True)
     dev = read_items(cfg.capability_dev) if cfg.capability_dev else None
-    return CapabilityItems(load_items(cfg.capability, cfg.seed), dev, cfg.capability_shots if dev else 0)
+    return CapabilityItems(load_items(cfg.capability, cfg.seed), dev, cfg.capability_shots if dev else 0,
+                           cfg.capability_protocol)
+
+
+def capability_record(cap: CapabilityItems, scores: Scores) -> dict:
+    """What the capability figures were measured on, for the manifest and the JSON."""
+    return {"items": "quick (packaged MMLU sample)" if cap.quick else "--capability", "protocol": cap.protocol,
+            "shots": cap.shots, "seconds_original": round(scores.seconds, 1)}
 
 
 def run_capability(loaded: Loaded, cfg: RunConfig, cap: CapabilityItems) -> Scores:
     return capability.score(loaded.model, loaded.tokenizer, cap.items, shots=cap.shots, dev_items=cap.dev,
-                 batch_size=cfg.batch_size, desc="capability")
+                            batch_size=cfg.batch_size, desc="capability", protocol=cap.protocol)
+
+
+def harness_tasks(cfg: RunConfig) -> harness.Tasks | None:
+    """The --tasks of lm-eval, resolved before the model loads (None when not asked)."""
+    return harness.resolve(cfg.tasks) if cfg.tasks else None
+
+
+def run_harness(loaded: Loaded, cfg: RunConfig, tasks: harness.Tasks) -> dict:
+    return harness.run_tasks(loaded.model, loaded.tokenizer, tasks, batch_size=cfg.batch_size, limit=cfg.tasks_limit)
 
 
 def long_prompts(cfg: RunConfig, harmful: PromptSet, harmless: PromptSet) -> dict[str, list[str]] | None:

@@ -4,21 +4,22 @@ An edit that removes refusals may also remove knowledge. KL at the first respons
 edited model's distribution moved, not whether it still knows things, so we also score MMLU-style
 questions (Hendrycks et al. 2021) before and after, item by item, and compare them paired (`stats.paired`).
 
-Protocol: lm-eval-harness's MMLU format, plain text, no chat template. A zero-shot check that read the
-first response token through the chat template measured chance (25.4%) on the reference model: a 0.5B
-chat model does not answer "Answer:" with a letter unless shown the pattern. Here a header and k solved
-exemplars of the same subject (MMLU's dev split) come first, and the choice is the letter whose
-continuation (" A", " B", ...) has the highest log-likelihood after "Answer:", the standard few-shot
-log-likelihood protocol, which does not depend on the model following instructions.
+Protocols, both lm-eval-harness's, plain text, no chat template (a zero-shot check that read the first
+response token through the chat template measured chance, 25.4%, on the reference model):
 
-Shots: 5, MMLU's standard. One shot is not enough on the reference model: 1-shot it scored 215/764
-(28%; 95% CI 25-31%), choosing A or C for 95% of the questions, as if copying the lone exemplar's letter
-(benchmarks/results/capability-reference.json). 5-shot did not fit the time of that session, so 5 is
-the protocol's standard, not yet a measured figure here.
+- "letter" (lm-eval's `mmlu`): a header, k solved exemplars of the same subject (MMLU's dev split), the
+  question with its lettered choices, and the choice whose letter (" A", " B", ...) is likeliest after
+  "Answer:". On the reference model (Qwen2.5-Coder-0.5B-Instruct) it measured chance: 1-shot 215/764 (28%;
+  95% CI 25-31%), 95% of the answers A or C; 5-shot 57/200 (28%; 95% CI 23-35%), 111 of them C. The prompt
+  is lm-eval's to the character, the letters are single tokens, and cached equals plain log-likelihoods; the
+  letters hold ~99% of the next-token mass, near uniformly: a 0.5B model follows the format without mapping
+  letters to answers (benchmarks/results/capability-letter-5shot-reference.json).
+- "cloze" (lm-eval's `mmlu_continuation`, the default): "Question: ...\nAnswer:" and the choice whose own
+  text is likeliest per byte (acc_norm), the form small-model evaluations use (SmolLM2's MMLU is cloze).
 
-The header and exemplars are the same for every question of a subject, so they are run once per subject
-and their key/value cache reused (`search.cached_logits`): with 5 shots that is most of every prompt's
-tokens. Everything is forward passes, so it works unchanged under hooks (`with ablated(model, d): ...`).
+Letter: the header and exemplars are the same for every question of a subject, so they are run once per
+subject and their key/value cache reused (`model.forward.cached_logits`): with 5 shots that is most of every
+prompt's tokens. Cloze: each question is run once and its cache reused for its choices. Everything is forward passes, so it works unchanged under hooks (`with ablated(model, d): ...`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -160,6 +162,24 @@ def load_items(spec: str, seed: int = 0) -> list[Item]:
     return stratified(items, n, seed)
 
 
+# The quick check `run` does by default (`--capability quick`): a stratified sample of MMLU's test split shipped
+# with the package (data/mmlu_quick.jsonl, written by benchmarks/make_mmlu_quick.py; MIT, data/LICENSE-MMLU.txt),
+# with the dev exemplars of its subjects: every subject at least once, the rest by subject size. Its interval is
+# wide (about +-9 points at 50%): it catches a broken edit, not a 2-point loss; `--capability FILE[:N]` on the
+# full test split measures that (docs/measure.md: the time it takes, and what it measured on the reference model).
+QUICK_N = 114
+
+
+def quick_items() -> tuple[list[Item], list[Item]]:
+    """The packaged quick-check items and their subjects' dev exemplars."""
+    data = resources.files("abliterate").joinpath("data")
+    out = []
+    for name in ("mmlu_quick.jsonl", "mmlu_quick_dev.jsonl"):
+        with resources.as_file(data.joinpath(name)) as path:
+            out.append(read_items(path))
+    return out[0], out[1]
+
+
 def stratified(items: list[Item], n: int, seed: int) -> list[Item]:
     """A sample of n items proportional to subject sizes, at least one per subject when n allows, in file order.
 
@@ -190,20 +210,33 @@ def stratified(items: list[Item], n: int, seed: int) -> list[Item]:
     return [items[i] for i in sorted(chosen)]
 
 
-def question_text(item: Item) -> str:
-    """lm-eval's MMLU rendering of one question, up to and including 'Answer:'."""
+PROTOCOLS = ("letter", "cloze")
+
+
+def question_text(item: Item, protocol: str = "letter") -> str:
+    """lm-eval's rendering of one question, up to and including 'Answer:': MMLU's default task (the choices
+    lettered, "letter") or its continuation task ("cloze": the question alone, the choices' own text scored)."""
+    if protocol == "cloze":
+        return f"Question: {item.question.strip()}\nAnswer:"
     lines = [item.question.strip()] + [f"{LETTERS[j]}. {c}" for j, c in enumerate(item.choices)]
     return "\n".join(lines) + "\nAnswer:"
 
 
-def header(subject: str) -> str:
+def continuations(item: Item, protocol: str = "letter") -> list[str]:
+    """What follows 'Answer:' for each choice: ' A', ' B', ... or ' <choice text>' (lm-eval's target delimiter)."""
+    return [f" {c}" if protocol == "cloze" else f" {LETTERS[j]}" for j, c in enumerate(item.choices)]
+
+
+def header(subject: str, protocol: str = "letter") -> str:
     about = f" about {subject.replace('_', ' ')}" if subject else ""
-    return f"The following are multiple choice questions (with answers){about}.\n\n"
+    kind = "questions" if protocol == "cloze" else "multiple choice questions"
+    return f"The following are {kind} (with answers){about}.\n\n"
 
 
-def prefix_text(subject: str, exemplars: list[Item]) -> str:
+def prefix_text(subject: str, exemplars: list[Item], protocol: str = "letter") -> str:
     """Header and solved exemplars: shared by every question of `subject`."""
-    return header(subject) + "".join(f"{question_text(e)} {LETTERS[e.answer]}\n\n" for e in exemplars)
+    return header(subject, protocol) + "".join(
+        f"{question_text(e, protocol)}{continuations(e, protocol)[e.answer]}\n\n" for e in exemplars)
 
 
 @dataclass
@@ -227,9 +260,16 @@ class Scores:
 
 
 def score(model, tokenizer, items: list[Item], *, shots: int = 5, dev_items: list[Item] | None = None,
-          batch_size: int = 8, desc: str | None = None) -> Scores:
-    """Answer `items` by the few-shot log-likelihood protocol (module docstring), subject by subject."""
+          batch_size: int = 8, desc: str | None = None, protocol: str = "letter") -> Scores:
+    """Answer `items` by a log-likelihood protocol (module docstring), subject by subject.
+
+    "letter": the choice whose letter (" A", " B", ...) is likeliest after "Answer:" (lm-eval's `mmlu`; the
+    subject's prefix is run once and its cache reused). "cloze": the choice whose own text is likeliest per
+    byte (lm-eval's `mmlu_continuation`, acc_norm), each question run once as a prefix of its choices.
+    """
     t0 = time.perf_counter()
+    if protocol not in PROTOCOLS:
+        raise AbliterateError(f"capability protocol {protocol!r} is not one of: {', '.join(PROTOCOLS)}")
     if shots and dev_items is None:
         raise AbliterateError(f"{shots}-shot scoring needs exemplars: pass dev_items (e.g. mmlu_dev.jsonl) or shots=0")
     dev: dict[str, list[Item]] = defaultdict(list)
@@ -240,6 +280,10 @@ def score(model, tokenizer, items: list[Item], *, shots: int = 5, dev_items: lis
     def enc(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
 
+    def gather(logp: torch.Tensor, k: int, c: list[int], keep: int) -> float:
+        rows = logp[k, keep - len(c):]  # (len(c), V): the positions that predict each continuation token
+        return float(rows[torch.arange(len(c)), torch.tensor(c)].sum())
+
     predicted, logprobs = [None] * len(items), [None] * len(items)
     tokens = 0
     by_subject: dict[str, list[int]] = defaultdict(list)
@@ -249,14 +293,34 @@ def score(model, tokenizer, items: list[Item], *, shots: int = 5, dev_items: lis
         if len(dev[subject]) < shots:
             raise AbliterateError(f"subject {subject!r} has {len(dev[subject])} exemplars in dev_items, {shots} "
                                   f"needed; pass dev items of that subject or lower shots")
-        prefix = enc(_bos(tokenizer) + prefix_text(subject, dev[subject][:shots]))
+        prefix_str = _bos(tokenizer) + prefix_text(subject, dev[subject][:shots], protocol)
+        if protocol == "cloze":
+            # Per item: prefix and question run once, the choices as suffixes. Each suffix starts with the
+            # question's last `keep` tokens, so it is at least `keep` long and the logits at its last `keep`
+            # positions include every one that predicts a token of the choice.
+            for i in idx:
+                it = items[i]
+                q = enc(prefix_str + question_text(it, protocol))
+                conts = [enc(c) for c in continuations(it, protocol)]
+                keep = max(len(c) for c in conts)
+                cut = max(0, len(q) - keep)
+                logits = cached_logits(model, q[:cut], [q[cut:] + c[:-1] for c in conts], keep=keep, pad_id=pad,
+                                       batch_size=batch_size)  # (choices, keep, V)
+                logp = torch.log_softmax(logits.double(), -1)
+                tokens += len(q) + sum(len(c) for c in conts)
+                logprobs[i] = [gather(logp, j, c, keep) for j, c in enumerate(conts)]
+                # acc_norm as lm-eval computes it: log-likelihood per byte of the choice's text
+                norm = [lp / max(1, len(t.encode())) for lp, t in zip(logprobs[i], continuations(it, protocol))]
+                predicted[i] = max(range(len(norm)), key=norm.__getitem__)
+            continue
+        prefix = enc(prefix_str)
         # One sequence per (item, choice): the question, then the choice's continuation but its last token;
         # the last len(continuation) positions predict the continuation's tokens. When every continuation is
         # one token (" A" is, for the common tokenizers), an item's sequences coincide and are run once.
         seqs, where = [], []  # where: (item, choice, continuation ids, row in seqs)
         for i in idx:
             q = enc(question_text(items[i]))
-            conts = [enc(f" {LETTERS[j]}") for j in range(len(items[i].choices))]
+            conts = [enc(c) for c in continuations(items[i])]
             single = all(len(c) == 1 for c in conts)
             for j, c in enumerate(conts):
                 if not (single and j):
@@ -269,8 +333,7 @@ def score(model, tokenizer, items: list[Item], *, shots: int = 5, dev_items: lis
         for i in idx:
             logprobs[i] = [0.0] * len(items[i].choices)
         for i, j, c, k in where:
-            rows = logp[k, keep - len(c):]  # (len(c), V): the positions that predict each continuation token
-            logprobs[i][j] = float(rows[torch.arange(len(c)), torch.tensor(c)].sum())
+            logprobs[i][j] = gather(logp, k, c, keep)
         for i in idx:
             predicted[i] = max(range(len(logprobs[i])), key=logprobs[i].__getitem__)
     return Scores(list(items), predicted, logprobs, shots, tokens, time.perf_counter() - t0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..find.selection import Selection
+from ..measure.capability import LETTERS, Retention, Scores
 from ..measure.evaluation import INSTRUMENT, Evaluation
 from ..measure.judge import JudgeResult
 from ..measure.long import LongEffects
@@ -20,10 +21,13 @@ def _fmt(x: float | None) -> str:
 
 def run_report(model: str, direction, before: Evaluation, after: Evaluation, selection: Selection | None,
                timings: dict[str, float], n_pairs: int = N_PAIRS, note: str | None = None,
-               long_answers: LongEffects | None = None, judge: JudgeResult | None = None) -> str:
+               long_answers: LongEffects | None = None, judge: JudgeResult | None = None,
+               capability: tuple[Retention, Scores, Scores] | None = None) -> str:
     """`note`: what the figures are not (find.splits.Overlap.note), shown with the run's facts; `long_answers`
     (--long-tokens): a table of the long answers' loops, degenerate answers, late refusals and lengths; `judge`
-    (--judge): the judge's counts, its agreement with the markers, and the answers they disagree on."""
+    (--judge): the judge's counts, its agreement with the markers, and the answers they disagree on;
+    `capability` (the comparison and both models' answers): "what it cost", accuracy before and after per
+    MMLU group with intervals, and examples of the items lost."""
     b, a = before.metrics, after.metrics
     metrics = (["", "original", "abliterated"], [
         ["refusals (harmful prompts)", str(b.rates["refusals"]), str(a.rates["refusals"])],
@@ -45,6 +49,8 @@ def run_report(model: str, direction, before: Evaluation, after: Evaluation, sel
         tables.append(("Selection table", ["layer", "position", "bypass", "induce", "kl", "chosen"],
                        [[s.layer, s.position, s.bypass, s.induce, s.kl, "yes" if s.chosen else ""]
                         for s in selection.scores]))
+    if capability is not None:
+        tables += capability_sections(*capability)
     if long_answers is not None:
         tables.append(long_section(long_answers))
     if judge is not None:
@@ -57,6 +63,32 @@ def run_report(model: str, direction, before: Evaluation, after: Evaluation, sel
             flags.append((is_refusal(x), is_refusal(y)))
     return report_html(f"abliterate run: {model}", info=info, metrics=metrics, images=images, tables=tables,
                        pairs=pairs, flags=flags, labels=("original", "abliterated"))
+
+
+N_LOST = 5  # lost items shown in the report
+
+
+def capability_sections(r: Retention, before: Scores, after: Scores) -> list[tuple[str, list[str], list[list]]]:
+    """What the edit cost in knowledge: accuracy of each model (n, Wilson 95% CI), retention (Bonett-Price CI)
+    and the paired change (Newcombe CI, McNemar p), overall and per MMLU group; then the first items lost."""
+    def row(name: str, g: Retention) -> list:
+        lo, hi = g.retention_interval
+        ret = f"{g.retention:.3f} ({lo:.3f}-{hi:.3f})" if g.before.count else "-"
+        d, (clo, chi) = g.change.difference, g.change.interval
+        return [name, g.change.n, str(g.before), str(g.after), ret, len(g.lost), len(g.gained),
+                f"{d:+.1%} ({clo:+.1%} to {chi:+.1%}; p = {g.change.p_value:.2g})"]
+
+    header = ["items", "n", "original", "abliterated", "retention (95% CI)", "lost", "gained",
+              "change (95% CI; McNemar p)"]
+    rows = [row("all", r)] + [row(name, g) for name, g in r.groups.items()]
+    out = [(f"What it cost: multiple-choice accuracy ({before.shots}-shot, {r.change.n} items)", header, rows)]
+    lost = [[before.items[i].subject, before.items[i].question.strip()[:200],
+             f"{LETTERS[before.items[i].answer]}. {before.items[i].choices[before.items[i].answer]}"[:80],
+             LETTERS[before.predicted[i]], LETTERS[after.predicted[i]]] for i in r.lost[:N_LOST]]
+    if lost:
+        out.append((f"Items lost (the first {len(lost)} of {len(r.lost)}): right before the edit, wrong after",
+                    ["subject", "question", "answer", "original", "abliterated"], lost))
+    return out
 
 
 def long_section(e: LongEffects) -> tuple[str, list[str], list[list]]:
