@@ -255,6 +255,22 @@ def test_compare_counts_a_constructed_case():
         compare(before, _scores(items[:5], [0] * 5))
 
 
+def test_a_check_at_chance_says_it_cannot_show_a_loss():
+    """28/100 right on four choices (Wilson 95% CI 20-37%) includes chance (25%): the comparison says so, in its
+    JSON and its table; 60/100 (50-69%) resolves."""
+    from abliterate.show.tables import capability_table
+
+    items = [Item(f"q{i}", ("a", "b", "c", "d"), 0, "anatomy") for i in range(100)]
+    guessing = compare(*[_scores(items, [0] * 28 + [1] * 72)] * 2)
+    assert guessing.chance == pytest.approx(0.25) and not guessing.resolves
+    assert guessing.to_dict()["resolves"] is False and guessing.groups["other"].chance == pytest.approx(0.25)
+    assert "not above chance (25%)" in capability_table(guessing)
+    knowing = compare(*[_scores(items, [0] * 60 + [1] * 40)] * 2)
+    assert knowing.resolves and "chance" not in capability_table(knowing)
+    two = compare(*[_scores([Item("q", ("a", "b"), 0)] * 100, [0] * 58 + [1] * 42)] * 2)
+    assert two.chance == pytest.approx(0.5) and not two.resolves  # 58/100 on two choices: 48-67% includes 50%
+
+
 def test_run_and_eval_report_capability_with_intervals(capsys, tmp_path, model_dirs):
     """--capability on the command line: run saves it in the manifest, eval prints and saves it; both compare
     the original and the edited model on the same items; a bad file fails before any model loads."""

@@ -349,6 +349,13 @@ class Retention:
     lost: list[int]  # indices of items the original answered and the edit does not
     gained: list[int]
     groups: dict[str, Retention] = field(default_factory=dict)
+    chance: float = 0.0  # the accuracy of guessing: the mean of 1 / (number of choices) over the items
+
+    @property
+    def resolves(self) -> bool:
+        """Whether the original is above chance outside its 95% interval. When it is not, the check cannot show a
+        loss: a model that guesses has nothing to lose, and a broken edit keeps its (chance) accuracy."""
+        return self.before.interval[0] > self.chance
 
     @property
     def retention(self) -> float:
@@ -366,7 +373,7 @@ class Retention:
 
         out = {"n": self.change.n, "accuracy_before": self.before.to_dict(), "accuracy_after": self.after.to_dict(),
                "retention": num(self.retention), "retention_ci95": [num(lo), num(hi)],
-               **self.change.to_dict()}
+               "chance": round(self.chance, 4), "resolves": self.resolves, **self.change.to_dict()}
         if indices:
             out.update(lost_items=self.lost, gained_items=self.gained)
         if self.groups:
@@ -386,9 +393,13 @@ def compare(before: Scores, after: Scores) -> Retention:
         raise AbliterateError(f"compare needs scores of the same items in the same order; got {len(before.items)} "
                               f"and {len(after.items)} items that differ. Score both models on one item list")
     a, b = before.correct, after.correct
+    guess = [1 / len(it.choices) for it in before.items]
     out = _retention(a, b, list(range(len(a))))
+    out.chance = sum(guess) / len(guess) if guess else 0.0
     by_group: dict[str, list[int]] = defaultdict(list)
     for i, it in enumerate(before.items):
         by_group[group_of(it.subject)].append(i)
     out.groups = {g: _retention([a[i] for i in idx], [b[i] for i in idx], idx) for g, idx in sorted(by_group.items())}
+    for g, idx in by_group.items():
+        out.groups[g].chance = sum(guess[i] for i in idx) / len(idx)
     return out

@@ -81,7 +81,11 @@ def capability_sections(r: Retention, before: Scores, after: Scores) -> list[tup
     header = ["items", "n", "original", "abliterated", "retention (95% CI)", "lost", "gained",
               "change (95% CI; McNemar p)"]
     rows = [row("all", r)] + [row(name, g) for name, g in r.groups.items()]
-    out = [(f"What it cost: multiple-choice accuracy ({before.shots}-shot, {r.change.n} items)", header, rows)]
+    title = f"What it cost: multiple-choice accuracy ({before.shots}-shot, {r.change.n} items)"
+    if not r.resolves:
+        title += (f". The original is not above chance ({r.chance:.0%}) outside its interval: on this model the "
+                  f"check cannot show a loss")
+    out = [(title, header, rows)]
     lost = [[before.items[i].subject, before.items[i].question.strip()[:200],
              f"{LETTERS[before.items[i].answer]}. {before.items[i].choices[before.items[i].answer]}"[:80],
              LETTERS[before.predicted[i]], LETTERS[after.predicted[i]]] for i in r.lost[:N_LOST]]

@@ -135,6 +135,9 @@ def capability_table(r: Retention) -> str:
     lines = [f"capability ({r.change.n} items): original {r.before}, edited {r.after}",
              f"  retention {r.retention:.3f} (95% CI {lo:.3f}-{hi:.3f}); {len(r.lost)} lost, {len(r.gained)} gained; "
              f"change {_change(r.change)}"]
+    if not r.resolves:
+        lines.append(f"  the original is not above chance ({r.chance:.0%}) outside its interval: this check cannot "
+                     f"show a loss on this model (more items, or --capability-protocol letter/cloze, or --tasks)")
     for group, g in r.groups.items():
         lines.append(f"  {group:<16} {str(g.before):<30} {str(g.after):<30} {_change(g.change)}")
     return "\n".join(lines)
