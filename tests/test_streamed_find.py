@@ -161,12 +161,16 @@ def test_max_memory_is_parsed_strictly(bad, capsys, tmp_path, model_dirs):
     assert_clean_error(code, err, f"--max-memory {bad!r} is not a size", out)
 
 
-def test_missing_shard_named_in_the_index(capsys, tmp_path, sharded):
-    _, src = sharded("llama")
-    broken = tmp_path / "broken"
-    broken.mkdir()
+def _copy(src, dst):
+    """A copy of the sharded checkpoint to break (the fixture's own is shared)."""
+    dst.mkdir()
     for f in src.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_missing_shard_named_in_the_index(capsys, tmp_path, sharded):
+    broken = _copy(sharded("llama")[1], tmp_path / "broken")
     gone = sorted(broken.glob("model-*.safetensors"))[2]
     gone.unlink()
     out = tmp_path / "d.safetensors"
@@ -175,11 +179,7 @@ def test_missing_shard_named_in_the_index(capsys, tmp_path, sharded):
 
 
 def test_shard_that_disagrees_with_the_index(capsys, tmp_path, sharded):
-    _, src = sharded("llama")
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in src.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
+    broken = _copy(sharded("llama")[1], tmp_path / "broken")
     index = json.loads((broken / "model.safetensors.index.json").read_text())
     name, shard = next((n, s) for n, s in index["weight_map"].items() if "layers.1.mlp.down_proj" in n)
     tensors = load_file(broken / shard)
