@@ -122,7 +122,8 @@ def test_gguf_model_runs_the_pipeline_and_saves(smollm_gguf, tmp_path):
     # Candidates at every chat-template position, on the middle fifth of the 30 layers (the default 0.2-0.8
     # triples the selection's cost, which the reference model's demo already pays at the last position).
     cfg = RunConfig(n_train=32, n_select=8, n_eval_harmful=8, n_eval_harmless=8, max_new_tokens=8, kl_tokens=4,
-                    positions="all", projected=True, min_layer_frac=0.4, max_layer_frac=0.6)
+                    positions="all", projected=True, min_layer_frac=0.4, max_layer_frac=0.6,
+                    capability="none")  # the demo runs the default capability check on the reference model
     result = run(str(smollm_gguf), out, cfg)
     positions = {s.position for s in result.selection.scores}
     assert len(positions) >= 3 and max(positions) == -1
@@ -463,7 +464,7 @@ def test_search_on_the_reference_model(qwen_dir, shared_prompts, tmp_path):
     cfg = RunConfig(harmful=str(p / "harmful_train.json"), harmless=str(p / "harmless_train.json"),
                     eval_harmful=str(p / "harmful_val.json"), eval_harmless=str(p / "harmless_val.json"),
                     n_train=32, n_search=16, n_eval_harmful=12, n_eval_harmless=12, search=True, trials=4,
-                    finalists=2, study=str(tmp_path / "study"))
+                    finalists=2, study=str(tmp_path / "study"), capability="none")  # the demo's: CI's minutes
     result = run(str(qwen_dir), None, cfg)
     s = result.search
     assert len(s.trials) == 4 and s.chosen in s.finalists and s.baseline_refusals >= 4
