@@ -74,6 +74,12 @@ def test_demo_meets_acceptance_and_reloads(qwen_dir, shared_prompts, demo):
     assert after["kl_first"] <= 0.2
     sides = json.loads((out / "generations.json").read_text())
     assert len(sides["harmful"]) == 39 and len(sides["harmless"]) == 32
+    # The default capability check ran on both models, on the packaged sample, and records whether it resolves
+    # (measured on this model: 32/114 = 28%, chance; docs/measure.md).
+    cap = manifest["capability"]
+    assert cap["items"].startswith("quick") and cap["n"] == 114 and cap["chance"] == 0.25, cap
+    assert cap["resolves"] == (cap["accuracy_before"]["ci95"][0] > 0.25)
+    assert "capability (114 items)" in printed
     # The printed samples show the edit: the first is a prompt the original refused and the edit answered.
     assert manifest["samples"][0]["kind"].startswith("harmful prompt the original refused"), manifest["samples"][0]
 
