@@ -29,6 +29,9 @@ INDUCE_MIN_RATE = 0.9
 # Measured in llama.cpp on harmful_val: -0.25 at each of 9 layers around the chosen one took refusals
 # from 21/39 to 0/39 with fluent answers; -1 at the chosen layer alone, to 7/39.
 CONTROL_STRENGTH = -0.25
+# MMLU items the demo's capability check scores (stratified from ../shared/data/capability; the default is the
+# packaged 114, whose path the fast tier runs): about a minute a model here instead of six.
+CAPABILITY_ITEMS = 24
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,8 @@ def demo(shared_prompts, tmp_path_factory):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = main(["-q", "demo", "-o", str(out), "--eval-harmful", str(shared_prompts / "harmful_val.json"),
-                     "--eval-harmless", str(shared_prompts / "harmless_val.json"), "--n-eval-harmless", "32"])
+                     "--eval-harmless", str(shared_prompts / "harmless_val.json"), "--n-eval-harmless", "32",
+                     "--capability", f"{shared_prompts.parent / 'capability' / 'mmlu_test.jsonl'}:{CAPABILITY_ITEMS}"])
     assert code == 0
     return out, printed.getvalue()
 
@@ -74,12 +78,12 @@ def test_demo_meets_acceptance_and_reloads(qwen_dir, shared_prompts, demo):
     assert after["kl_first"] <= 0.2
     sides = json.loads((out / "generations.json").read_text())
     assert len(sides["harmful"]) == 39 and len(sides["harmless"]) == 32
-    # The default capability check ran on both models, on the packaged sample, and records whether it resolves
-    # (measured on this model: 32/114 = 28%, chance; docs/measure.md).
+    # The capability check ran on both models and records whether it resolves (the packaged 114-item sample
+    # measured 32/114 = 28% on this model, chance, at about 6 minutes a model here: CI runs 24 items).
     cap = manifest["capability"]
-    assert cap["items"].startswith("quick") and cap["n"] == 114 and cap["chance"] == 0.25, cap
+    assert cap["n"] == CAPABILITY_ITEMS and cap["chance"] == 0.25 and cap["protocol"] == "cloze", cap
     assert cap["resolves"] == (cap["accuracy_before"]["ci95"][0] > 0.25)
-    assert "capability (114 items)" in printed
+    assert f"capability ({CAPABILITY_ITEMS} items)" in printed
     # The printed samples show the edit: the first is a prompt the original refused and the edit answered.
     assert manifest["samples"][0]["kind"].startswith("harmful prompt the original refused"), manifest["samples"][0]
 
