@@ -22,7 +22,6 @@ import argparse
 import json
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,13 +73,6 @@ def child(argv: list[str]) -> int:
     return 0
 
 
-def measure(argv: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"child {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 # Shapes of the models extrapolated to (their config.json): hidden, intermediate, blocks, heads, kv heads, vocab
 SHAPES = {"Llama-3-8B": (4096, 14336, 32, 32, 8, 128256), "Llama-3-70B": (8192, 28672, 80, 64, 8, 128256)}
 
@@ -124,10 +116,14 @@ def main() -> int:
 
     sys.path.insert(0, str(Path(__file__).parent))
     import torch
+    from bench_stream_bake import measure as measure_in
     from bench_stream_bake import reshard
 
     from abliterate import Direction
     from abliterate.export.hf import check_size
+
+    def measure(argv: list[str]) -> dict:  # this script as the child
+        return measure_in(argv, __file__)
 
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-stream-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -45,8 +45,9 @@ def child(argv: list[str]) -> int:
     return code
 
 
-def measure(argv: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True, check=False)
+def measure(argv: list[str], script: str = __file__) -> dict:
+    """Run `script --child ARGV` in a fresh process (so its peak RSS is its own) and read its JSON line."""
+    proc = subprocess.run([sys.executable, script, "--child", *argv], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"child {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
