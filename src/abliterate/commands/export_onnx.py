@@ -52,16 +52,17 @@ def command(args) -> int:
 
     def fill(tmp: Path) -> None:
         # 3. the files Transformers.js reads, and the graphs
-        write_configs(loaded, tmp, external)
+        write_configs(loaded, tmp)
         graphs = tmp / ox.ONNX_DIR
         graphs.mkdir()
         ox.export_graph(loaded.model, graphs / ox.FILES["fp32"], hidden_layer=layer)
         for kind in kinds:
             ox.quantize(graphs / ox.FILES["fp32"], kind, external)
+        chunks = ox.note_external_data(tmp)
         # 4. the check; an fp32 graph that disagrees raises, and nothing is moved into place
         checks.update(ox.check_export(graphs, loaded.model, loaded.tokenizer, prompts, kinds))
         (tmp / MANIFEST).write_text(to_json(manifest(
-            "export_onnx", opts.model, hidden_layer=layer, external_data=external,
+            "export_onnx", opts.model, hidden_layer=layer, external_data=chunks,
             files={k: f"{ox.ONNX_DIR}/{ox.FILES[k]}" for k in ("fp32", *kinds)},
             check={"prompts": len(prompts), "tokens": ox.CHECK_TOKENS, "fp32_tolerance": ox.FP32_TOLERANCE,
                    **{k: c.figures() for k, c in checks.items()}},
@@ -96,14 +97,11 @@ def check_prompts(loaded: Loaded) -> list[list[int]]:
     return tok(fmt.render_all(tok, ox.CHECK_PROMPTS), add_special_tokens=False).input_ids
 
 
-def write_configs(loaded: Loaded, tmp: Path, external: bool) -> None:
+def write_configs(loaded: Loaded, tmp: Path) -> None:
     """config.json, generation_config.json, tokenizer.json and tokenizer_config.json (with the chat template, which
-    Transformers.js reads there) and the tokenizer's other files; with weights past 2 GB, config.json tells Transformers.js to fetch onnx/*.onnx_data."""
-    config = loaded.model.config
-    if external:
-        config = config.__class__.from_dict({**config.to_dict(),
-                                             "transformers.js_config": {"use_external_data_format": True}})
-    config.save_pretrained(tmp)
+    Transformers.js reads there) and the tokenizer's other files. Which graphs have external data is added to
+    config.json once they are written (`ox.note_external_data`)."""
+    loaded.model.config.save_pretrained(tmp)
     loaded.model.generation_config.save_pretrained(tmp)
     loaded.tokenizer.save_pretrained(tmp)
     tok_config = tmp / "tokenizer_config.json"

@@ -1,7 +1,7 @@
 """A causal LM as the ONNX folder Transformers.js loads, checked against transformers with onnxruntime.
 
 The folder: config.json, generation_config.json, tokenizer.json, tokenizer_config.json and onnx/model.onnx
-(with onnx/model.onnx_data when the weights pass 2 GB), plus onnx/model_quantized.onnx (q8), model_q4.onnx
+(with onnx/model.onnx_data, _data_1, ... in 1 GiB chunks when the weights pass 2 GB), plus onnx/model_quantized.onnx (q8), model_q4.onnx
 and model_fp16.onnx when asked. The graph is a decoder with its key/value cache, as Transformers.js
 (`@huggingface/transformers`) feeds it:
 
@@ -47,6 +47,10 @@ FILES = {"fp32": "model.onnx", "q8": "model_quantized.onnx", "q4": "model_q4.onn
 ONNX_DIR = "onnx"
 # A protobuf file holds at most 2 GiB; above this the weights go to NAME_data beside the graph.
 EXTERNAL_BYTES = 2 * 1024**3 - 64 * 1024**2
+# External data goes in chunks of at most 1 GiB (a tensor bigger than that gets a chunk of its own); tensors
+# under 1 KiB stay in the graph.
+CHUNK_BYTES = 1024**3
+EXTERNAL_MIN_BYTES = 1024
 OPSET = 17
 # fp32 ONNX against fp32 PyTorch: the same arithmetic in another order. Measured at most 5e-6 on the tiny test
 # models; 1e-3 leaves room for a real vocabulary's larger logits (Qwen2.5-0.5B: logits of about 20).
@@ -174,17 +178,59 @@ def export_graph(model: nn.Module, path: Path, hidden_layer: int | None = None) 
 
 
 def save_onnx(proto, path: Path, external: bool) -> None:
-    """`proto` at `path`; with `external`, its weights in PATH_data beside it (the name Transformers.js fetches)."""
+    """`proto` at `path`; with `external`, its weights in chunks of at most CHUNK_BYTES beside it, PATH_data,
+    PATH_data_1, ... (the names Transformers.js fetches for `use_external_data_format: N`). One file past 2 GB
+    does not load in Chromium ("Failed to fetch" on the reference model's 2.4 GB), chunks of 1 GiB do."""
     onnx, _ = require()
     if not external:
         onnx.save_model(proto, str(path))
         return
-    data = path.with_name(path.name + "_data")
-    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
+    from onnx.external_data_helper import set_external_data, write_external_data_tensors
+
+    chunk, size = 0, 0
+    for tensor in proto.graph.initializer:
+        n = len(tensor.raw_data)
+        if n < EXTERNAL_MIN_BYTES:
+            continue
+        if size and size + n > CHUNK_BYTES:
+            chunk, size = chunk + 1, 0
+        set_external_data(tensor, location=chunk_name(path.name, chunk))
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        size += n
+    write_external_data_tensors(proto, str(path.parent))  # appends each tensor to its chunk, sets its offset
+    onnx.save_model(proto, str(path))
     umask = os.umask(0)
     os.umask(umask)
-    data.chmod(0o666 & ~umask)  # onnx writes it private; it is an ordinary file of the output
+    for data in data_chunks(path):
+        data.chmod(0o666 & ~umask)  # onnx writes them private; they are ordinary files of the output
+
+
+def chunk_name(graph: str, i: int) -> str:
+    return f"{graph}_data" + (f"_{i}" if i else "")
+
+
+def data_chunks(graph: Path) -> list[Path]:
+    """The external data files of `graph`, in order (none for a graph that holds its weights)."""
+    chunks = []
+    while (graph.parent / chunk_name(graph.name, len(chunks))).is_file():
+        chunks.append(graph.parent / chunk_name(graph.name, len(chunks)))
+    return chunks
+
+
+def note_external_data(folder: Path) -> dict[str, int]:
+    """config.json told which graphs of `folder` keep their weights in chunks, and how many
+    (`transformers.js_config.use_external_data_format`, per file as Transformers.js reads it); the counts."""
+    import json
+
+    counts = {g.name: len(data_chunks(g)) for g in sorted((folder / ONNX_DIR).glob("*.onnx"))}
+    counts = {name: n for name, n in counts.items() if n}
+    if counts:
+        path = folder / "config.json"
+        config = json.loads(path.read_text())
+        config["transformers.js_config"] = {**config.get("transformers.js_config", {}),
+                                            "use_external_data_format": counts}
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return counts
 
 
 def quantize(src: Path, kind: str, external: bool) -> Path:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ..errors import AbliterateError
 from ..export.files import write_file
-from ..export.onnx import FILES, ONNX_DIR, with_chat_template
+from ..export.onnx import FILES, ONNX_DIR, data_chunks, with_chat_template
 from ..model.packaged import cache_dir
 
 
@@ -211,9 +211,8 @@ def copy_model(folder: OnnxFolder, dtype: str, dst: Path) -> None:
         (dst / "tokenizer_config.json").unlink()
         (dst / "tokenizer_config.json").write_text(json.dumps(with_chat_template(folder.path, config), indent=2))
     graph = folder.graph(dtype)
-    for src in (graph, graph.with_name(graph.name + "_data")):
-        if src.is_file():
-            _place(src, dst / ONNX_DIR / src.name)
+    for src in (graph, *data_chunks(graph)):
+        _place(src, dst / ONNX_DIR / src.name)
 
 
 def write_site(tmp: Path, edited: OnnxFolder, dtype: str, original: OnnxFolder | None, original_dtype: str | None,
