@@ -133,6 +133,30 @@ def test_page_answers_as_transformers_does_and_draws_the_grid(exports, chromium,
     assert (BUILD / "web_grid.png").stat().st_size > 10_000
 
 
+def test_gemma3_page_answers_as_transformers_does(model_dirs, chromium, served, tmp_path, capsys):
+    """Gemma 3 text on the page gives transformers' 16 greedy tokens. Transformers.js numbers Gemma 3's positions
+    from 1 (other models' from 0) and the graph takes them as given: rotary embeddings see only the distance
+    between positions, so the shift changes nothing."""
+    pytest.importorskip("websockets", reason="pip install websockets (in the [test] extra): the DevTools driver")
+    from webdriver import chromium_page
+
+    onnx_dir, page_dir = tmp_path / "onnx", tmp_path / "page"
+    code, _, err = run_cli(capsys, "export-onnx", model_dirs["gemma3_text"], "-o", onnx_dir)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "web", onnx_dir, "-o", page_dir, "--max-new-tokens", TOKENS)
+    assert code == 0, err
+    v = torch.randn(64, generator=torch.Generator().manual_seed(4))
+    ids, text, _ = reference(model_dirs["gemma3_text"], Direction(vector=v / v.norm(), layer=LAYER, scale=1.0))
+    with chromium_page(tmp_path / "profile", served(page_dir) + "index.html") as page:
+        assert page.wait(("ready",), 120)["status"] == "ready", page.state()
+        page.type("#prompt", PROMPT)
+        state = page.wait(("done",), 120)
+        errors = page.errors()
+    assert state["status"] == "done", state
+    assert state["results"]["edited"]["ids"] == ids, (state["results"]["edited"]["text"], text)
+    assert errors == [], errors
+
+
 def test_bad_inputs_fail_in_one_line_and_write_nothing(exports, model_dirs, tmp_path, capsys):
     out = tmp_path / "page"
     d = exports["root"] / "d.safetensors"
