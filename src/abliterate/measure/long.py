@@ -5,8 +5,10 @@ that answers at the start and then falls into a loop, or turns round half-way ("
 cannot"), passes both. With `--long-tokens N` the original and the edited model also answer `--n-long` of the
 evaluation prompts at N tokens (greedy, `decode.generate`, stopping at EOS), and each answer is judged:
 
-- loops: some run of `LOOP_N` = 6 consecutive words occurs `LOOP_R` = 3 or more times. Words are those of
-  `refusal.is_degenerate` (a CJK character counts as one). A greedy loop repeats a sentence or a phrase
+- loops: some run of `LOOP_N` = 6 consecutive words occurs `LOOP_R` = 3 or more times, or the answer ends
+  in a unit of text repeated back to back 3+ times over 30+ columns (`repeats.looping`: characters, so any
+  script, spaces or not, and a token loop like "варварвар..." that is one word). Words are those of `refusal.is_degenerate` (a
+  CJK character counts as one). A greedy loop repeats a sentence or a phrase
   verbatim, so its 6-grams recur at every turn; prose, lists and code repeat a 6-word run three times rarely
   (a list's items share 2-3 words, "x = torch.zeros(3)" lines share 3). `is_degenerate`'s test (one word over
   40% of the text, under 60% of word triples distinct) suits 32 tokens but misses a loop that takes only the
@@ -34,6 +36,7 @@ from dataclasses import asdict, dataclass
 
 from .decode import eos_ids, generate
 from .refusal import _WORDS, is_degenerate, is_refusal, normalized, refusal_marker
+from .repeats import LOOP_COPIES, LOOP_WIDTH, looping
 from .stats import Paired, Rate, median, median_interval, paired
 
 LOOP_N, LOOP_R = 6, 3
@@ -50,10 +53,11 @@ LATE_TURNS = (
 
 
 def loops(text: str) -> bool:
-    """Some run of LOOP_N consecutive words occurs LOOP_R or more times (overlapping runs counted)."""
+    """Some run of LOOP_N consecutive words occurs LOOP_R or more times (overlapping runs counted), or
+    `repeats.looping` (a back-to-back repeat in characters, any script)."""
     words = _WORDS.findall(text.lower())
     grams = Counter(tuple(words[i:i + LOOP_N]) for i in range(len(words) - LOOP_N + 1))
-    return bool(grams) and max(grams.values()) >= LOOP_R
+    return (bool(grams) and max(grams.values()) >= LOOP_R) or looping(text)
 
 
 def mostly_non_text(text: str) -> bool:
@@ -171,7 +175,9 @@ class LongEffects:
     sides: list[LongSide]
 
     def to_dict(self) -> dict:
-        return {"tokens": self.tokens, "head": self.head, "loop_rule": f"a {LOOP_N}-word run {LOOP_R}+ times",
+        rule = (f"a {LOOP_N}-word run {LOOP_R}+ times, or a unit {LOOP_COPIES}+ times back to back over "
+                f"{LOOP_WIDTH}+ columns")
+        return {"tokens": self.tokens, "head": self.head, "loop_rule": rule,
                 **{s.name: s.to_dict() for s in self.sides}}
 
 
