@@ -119,7 +119,7 @@ def test_labelled_answers_that_do_not_loop_are_left_alone():
 
 def test_ordinary_answers_in_many_scripts_and_code_are_left_alone():
     """Ordinary 256-token answers of the reference (coder) model and SmolLM2-135M to our own prompts, half of them
-    code, the rest in ten languages; `loops` read answer by answer. None that does not loop is flagged, and most
+    code, the rest in twelve languages; `loops` read answer by answer. None that does not loop is flagged, and most
     that do are (the rest repeat an item twice before the cap, or loop with changing words or numbers: missed)."""
     rows = _rows("ordinary_answers.jsonl")
     assert len(rows) == 76 and {r["kind"] for r in rows} == {"code", "latin", "cyrillic", "cjk", "other"}

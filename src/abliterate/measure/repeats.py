@@ -18,7 +18,7 @@ end holds at least `LOOP_COPIES` = 3 whole copies of its unit and is at least `L
 end, because legitimate text, code above all, does repeat back to back, but then goes on: an IPv4 regular
 expression is its octet group four times over (207 characters), followed by its explanation. Measured on real
 answers read one by one (docs/measure.md, "Loops"): of the 156 labelled answers (tests/data/judge_labels.jsonl)
-and 76 ordinary 256-token answers to our own prompts in ten languages, half of them code
+and 76 ordinary 256-token answers to our own prompts in twelve languages, half of them code
 (tests/data/ordinary_answers.jsonl), it flags none of those that do not loop.
 
 A decoder can stop inside a multi-byte character: the replacement characters it leaves at the very end are
