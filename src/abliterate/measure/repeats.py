@@ -72,7 +72,7 @@ def tail_repeat(text: str, min_copies: int = LOOP_COPIES) -> Repeat | None:
         run = n - p - (int(differ[-1]) + 1 if len(differ) else 0)  # equal pairs at the end
         span = run + p
         # Whole copies, but for one character: folding strips the space that ended the last one.
-        if span < min_copies * p - 1 or (best is not None and span <= best.span):
+        if span < max(min_copies * p - 1, min_copies) or (best is not None and span <= best.span):
             continue
         unit = s[n - span:n - span + p]
         if any(c.isalnum() for c in unit):
