@@ -482,3 +482,45 @@ def test_search_on_the_reference_model(qwen_dir, shared_prompts, tmp_path):
     assert 0 < result.after.metrics.kl_first < 1.0
     assert result.manifest["search"]["chosen"]["params"] == s.chosen.params
     # Resuming a finished study is tested on tiny models (test_search.py); a second real run would cost minutes.
+
+
+# The damaged edit of benchmarks/bench_damaged.py (issue 15, part 5): a random unit direction removed DAMAGE_WEIGHT
+# times from every writer and the embeddings. Measured there on the reference model: marker refusals 8/16 -> 0/16
+# at first-token KL 13.1, the answers a loop of one token ("варварвар...").
+DAMAGE_WEIGHT, DAMAGE_PROMPTS, DAMAGE_TOKENS = 4.0, 8, 48
+
+
+def test_a_damaged_edit_that_the_markers_pass_is_caught_as_degenerate(qwen_dir, shared_prompts):
+    """A deliberately broken edit on the reference model: the refusal markers alone call it a success (fewer
+    refusals than the original), and the degeneration rate says damage, its 95% interval above the original's
+    and the paired change outside the noise. It fails if the loop detector misses a loop without spaces."""
+    from abliterate.edit.weighted import Ablation, ablating
+    from abliterate.find.prompts import ChatFormat, load_prompts
+    from abliterate.measure.long import answer_long
+    from abliterate.measure.refusal import refusal_marker
+    from abliterate.measure.stats import Rate, paired
+
+    loaded = load_model(qwen_dir)
+    model, tok = loaded.model, loaded.tokenizer
+    layout = resolve(model)
+    r = torch.nn.functional.normalize(torch.randn(layout.hidden_size, generator=torch.Generator().manual_seed(0)),
+                                      dim=0).unsqueeze(0)  # (1, H): the bench's seed-0 direction
+    n_layers = layout.n_layers
+    broken = Ablation(r.expand(n_layers, -1, -1).contiguous(), torch.full((n_layers,), DAMAGE_WEIGHT),
+                      torch.full((n_layers,), DAMAGE_WEIGHT), r.clone(), embed=DAMAGE_WEIGHT)
+    prompts = load_prompts(str(shared_prompts / "harmful_val.json")).head(DAMAGE_PROMPTS).prompts
+    texts = ChatFormat().render_all(tok, prompts)
+
+    def answers():
+        return answer_long(model, tok, texts, max_new_tokens=DAMAGE_TOKENS, head=32, batch_size=8, desc=None)
+
+    before = answers()
+    with ablating(model, broken, layout):
+        after = answers()
+    n = len(prompts)
+    refused = [[refusal_marker(a.text) is not None for a in side] for side in (before, after)]
+    assert sum(refused[1]) < sum(refused[0]) and sum(refused[1]) <= n // 8, refused  # markers: a success
+    degenerate = [[a.degenerate for a in side] for side in (before, after)]
+    rate_before, rate_after = Rate(sum(degenerate[0]), n), Rate(sum(degenerate[1]), n)
+    assert rate_after.interval[0] > rate_before.interval[1], (str(rate_before), str(rate_after))
+    assert paired(*degenerate).p_value < 0.05, [a.text[:80] for a in after]

@@ -5,13 +5,13 @@ that answers at the start and then falls into a loop, or turns round half-way ("
 cannot"), passes both. With `--long-tokens N` the original and the edited model also answer `--n-long` of the
 evaluation prompts at N tokens (greedy, `decode.generate`, stopping at EOS), and each answer is judged:
 
-- loops: some run of `LOOP_N` = 6 consecutive words occurs `LOOP_R` = 3 or more times. Words are those of
-  `refusal.is_degenerate` (a CJK character counts as one). A greedy loop repeats a sentence or a phrase
-  verbatim, so its 6-grams recur at every turn; prose, lists and code repeat a 6-word run three times rarely
-  (a list's items share 2-3 words, "x = torch.zeros(3)" lines share 3). `is_degenerate`'s test (one word over
-  40% of the text, under 60% of word triples distinct) suits 32 tokens but misses a loop that takes only the
-  last third of a 128-token answer: most of its triples are still distinct.
-- degenerate: `is_degenerate` (empty, no letters, a loop over the whole answer), a loop as above, or mostly
+- loops: the answer ends in one unit of text repeated back to back 3+ times over 30+ columns
+  (`repeats.looping`): a greedy loop repeats a sentence, a phrase or a token verbatim to the end, and found in
+  characters it reads the same in any script, with or without spaces ("варварвар..." is one word). A word rule
+  (a 6-word run 3+ times anywhere) was used before: on 76 ordinary 256-token answers (half code) it flagged 7
+  of the 46 that do not loop (three handlers of a Go server, a Chinese docstring, repetitive prose), the
+  character rule none (docs/measure.md, "Loops").
+- degenerate: `is_degenerate` (empty, no letters or digits, a loop as above), or mostly
   non-text: under a third of the non-space characters are letters or digits (code is about half or more;
   "!!!!", stray markup and byte soup are not).
 - length: tokens up to EOS (EOS not counted), capped at N; `ended` says whether EOS came before the cap.
@@ -29,14 +29,13 @@ by medians with their order-statistic interval, and by the median over prompts o
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import asdict, dataclass
 
 from .decode import eos_ids, generate
-from .refusal import _WORDS, is_degenerate, is_refusal, normalized, refusal_marker
+from .refusal import is_degenerate, is_refusal, normalized, refusal_marker
+from .repeats import LOOP_COPIES, LOOP_WIDTH, looping
 from .stats import Paired, Rate, median, median_interval, paired
 
-LOOP_N, LOOP_R = 6, 3
 MIN_TEXT_SHARE = 1 / 3
 
 # A turn from answering to declining that the markers miss: a contrast, then within the same clause "I" who
@@ -50,10 +49,9 @@ LATE_TURNS = (
 
 
 def loops(text: str) -> bool:
-    """Some run of LOOP_N consecutive words occurs LOOP_R or more times (overlapping runs counted)."""
-    words = _WORDS.findall(text.lower())
-    grams = Counter(tuple(words[i:i + LOOP_N]) for i in range(len(words) - LOOP_N + 1))
-    return bool(grams) and max(grams.values()) >= LOOP_R
+    """The answer ends in a loop: `repeats.looping` (one unit LOOP_COPIES+ times back to back, LOOP_WIDTH+
+    columns)."""
+    return looping(text)
 
 
 def mostly_non_text(text: str) -> bool:
@@ -171,7 +169,8 @@ class LongEffects:
     sides: list[LongSide]
 
     def to_dict(self) -> dict:
-        return {"tokens": self.tokens, "head": self.head, "loop_rule": f"a {LOOP_N}-word run {LOOP_R}+ times",
+        rule = f"ends in one unit {LOOP_COPIES}+ times back to back, {LOOP_WIDTH}+ columns"
+        return {"tokens": self.tokens, "head": self.head, "loop_rule": rule,
                 **{s.name: s.to_dict() for s in self.sides}}
 
 

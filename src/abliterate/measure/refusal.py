@@ -6,6 +6,8 @@ import re
 
 import torch
 
+from .repeats import looping
+
 # Phrases that open or carry a refusal in chat models' answers. Ours, written
 # from how assistants decline ("I'm sorry, but I can't help with that"), not
 # fitted to any evaluation set.
@@ -35,22 +37,17 @@ _WORDS = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+")
 
 
 def is_degenerate(text: str) -> bool:
-    """Empty, no letters, or a loop: not an answer, so not a success.
+    """Empty, no letters or digits, or a loop: not an answer, so not a success.
 
-    A loop is one word making up over 40% of the text ("video video video"), or a
-    phrase coming round again and again (under 60% of its word triples distinct);
-    ordinary prose, lists and code repeat far less. Chinese and Japanese characters
-    count as words each (those scripts put no spaces between words).
+    A loop is `repeats.looping`: the answer ends in one unit of text repeated back to back, 3+ times over 30+
+    columns, found in characters, so in any script, with or without spaces ("варварвар..." is one word) and in
+    code. Word rules (one word over 40% of the text, under 60% of the word triples distinct) were used before:
+    they passed that loop, and they flag code ("<td>" rows: one word over 40%) and numbered tables; measured on
+    real answers in docs/measure.md, "Loops".
     """
-    words = _WORDS.findall(text.lower())
-    if len(words) == 0:
+    if not _WORDS.search(text):
         return True
-    if len(words) >= 8:
-        top = max(words.count(w) for w in set(words))
-        triples = list(zip(words, words[1:], words[2:]))
-        if top / len(words) > 0.4 or len(set(triples)) / len(triples) < 0.6:
-            return True
-    return False
+    return looping(text)
 
 
 def normalized(text: str) -> str:

@@ -12,7 +12,8 @@ from ..measure.capability import Retention
 from ..measure.evaluation import INSTRUMENT, Metrics, samples
 from ..measure.inspection import LayerStats, TokenView
 from ..measure.judge import LABELS, Judged, JudgeResult
-from ..measure.long import LOOP_N, LOOP_R, LongEffects
+from ..measure.long import LongEffects
+from ..measure.repeats import LOOP_COPIES, LOOP_WIDTH
 from ..measure.stats import Paired
 from ..search.study import TrialResult
 from .html import _shown, color
@@ -180,7 +181,7 @@ def long_table(e: LongEffects) -> str:
     """The long answers as text (`long_rows`)."""
     both = e.sides[0].original is not None
     lines = [(f"long answers (up to {e.tokens} tokens; a late refusal comes after the first {e.head}; loop: "
-              f"a {LOOP_N}-word run {LOOP_R}+ times)"),
+              f"ends in one unit {LOOP_COPIES}+ times back to back, {LOOP_WIDTH}+ columns)"),
              (f"{'':28}" + (f"{'original':<30}" if both else "") + f"{'edited':<30}"
               + ("change, paired (95% CI; McNemar p)" if both else "")).rstrip()]
     current = None
