@@ -550,7 +550,7 @@ class StreamedModel:
                 hidden = block(hidden, *args, **kwargs)
         return out.cache
 
-    def _step(self, gens: list["_Gen"]) -> list[torch.Tensor]:
+    def _step(self, gens: list[_Gen]) -> list[torch.Tensor]:
         """One generation step of every batch in `gens`: their next-token logits, (B, V) float32 each."""
         ids = torch.cat([g.ids.flatten() for g in gens]).unique(sorted=True)
         with self._token_rows(ids.cpu()) as emb:
@@ -587,7 +587,7 @@ class _Gen:
     calls: list | None = None
 
     @classmethod
-    def start(cls, batch: Batch, prefix: int, cache, device) -> "_Gen":
+    def start(cls, batch: Batch, prefix: int, cache, device) -> _Gen:
         """As `decode.greedy` starts a batch: the prefix's cache copied for every row, positions counting real
         tokens."""
         n = len(batch.index)
@@ -617,11 +617,12 @@ class SpilledRows:
 
     def __init__(self, n: int, k: int, v: int):
         self.shape = (n, k, v)
-        self._file = tempfile.TemporaryFile(prefix="abliterate-logprobs-")
+        # open as long as the array lives; the file has no name and goes when it is closed or collected
+        self._file = tempfile.TemporaryFile(prefix="abliterate-logprobs-")  # noqa: SIM115
         self._file.truncate(n * k * v * 4)
 
     def write(self, i: int, t: int, values: torch.Tensor) -> None:
-        n, k, v = self.shape
+        _, k, v = self.shape
         self._file.seek((i * k + t) * v * 4)
         self._file.write(values[:v].float().contiguous().numpy().tobytes())
 
