@@ -17,9 +17,15 @@ model's own modules:
 Interventions are the in-memory hooks (`edit.project.ablated`, `added`) installed on the skeleton: they
 sit on the modules the materialized weights fill, so each stream of a pass runs under its own hooks.
 
+Evaluation (run --stream): `greedy` is `measure.decode.greedy` with every batch of a pass advancing together, so
+a step reads every block and the head once; each block fills its layer of each batch's key/value cache.
+`forced_logits` gives the teacher-forced logits the KL needs. Both in the in-memory batches, so the same answers
+and figures.
+
 Memory (`Budget`): the largest block, twice while it is read (the copy and the shard's mapped pages), the
-hidden states of every stream of a pass, one batch's block temporaries, and the head's slice and logits. A
-pass whose streams do not fit is split into several passes (each loads every block once).
+hidden states of every stream of a pass, one batch's block temporaries, and the head's slice and logits; a
+generation's pass also its key/value caches and step logits. A pass whose streams do not fit is split into several
+passes (each loads every block once, per step for a generation).
 """
 
 from __future__ import annotations
