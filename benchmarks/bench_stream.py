@@ -11,6 +11,11 @@ whether the two directions agree (layer, cosine), and `extrapolated`: the budget
 scaled from this run's measured per-parameter costs. The extrapolation is arithmetic, not a measurement.
 
     python benchmarks/bench_stream.py MODEL_DIR [--reshard 100MB] [--max-memory 512MB] [--n-train 128]
+    python benchmarks/bench_stream.py MODEL_DIR --run [--n-train 32 --n-select 8 --n-eval 16] ...
+
+With --run it measures the whole `abliterate run` instead (in memory, and `--stream --max-memory`, capability off
+in both): peak memory, wall time per stage, the chosen layer, the evaluation figures, and the baked tensors
+compared bit for bit.
 
 MODEL_DIR is a local Hugging Face directory of safetensors weights; --reshard SIZE first copies it in shards
 of at most SIZE (a block must be readable without mapping one multi-GB file).
@@ -30,8 +35,25 @@ from pathlib import Path
 MB = 2**20
 
 
+def run_child(argv: list[str]) -> dict:
+    """`run-memory|run-stream SRC OUT N_TRAIN N_SELECT MAX_MEMORY N_EVAL`: the whole `abliterate run` (capability
+    off in both: the streamed run does not measure it), its stages, chosen layer and figures."""
+    from abliterate import RunConfig
+    from abliterate.commands.run import run
+
+    mode, src, out, n_train, n_select, max_memory, n_eval = argv
+    stream = mode == "run-stream"
+    cfg = RunConfig(n_train=int(n_train), n_select=int(n_select), n_eval_harmful=int(n_eval),
+                    n_eval_harmless=int(n_eval), capability="none", device="cpu", stream=stream,
+                    max_memory=max_memory if stream else None)
+    result = run(src, out, cfg)
+    m = result.manifest["metrics"]
+    return {"stages_s": {k: round(v, 2) for k, v in result.timings.items()}, "layer": result.direction.layer,
+            "paths": result.paths, "metrics": {side: m[side] for side in ("before", "after")}}
+
+
 def child(argv: list[str]) -> int:
-    """One measured run: `idle`, or `memory|stream SRC OUT N_TRAIN N_SELECT MAX_MEMORY`."""
+    """One measured run: `idle`, `memory|stream SRC OUT N_TRAIN N_SELECT MAX_MEMORY`, or `run_child`'s."""
     start = time.perf_counter()
     import torch
 
@@ -40,7 +62,9 @@ def child(argv: list[str]) -> int:
 
     imported = time.perf_counter()
     info: dict = {}
-    if argv != ["idle"]:
+    if argv[0].startswith("run-"):
+        info = run_child(argv)
+    elif argv != ["idle"]:
         mode, src, out, n_train, n_select, max_memory = argv
         cfg = RunConfig(n_train=int(n_train), n_select=int(n_select), device="cpu", stream=mode == "stream",
                         max_memory=max_memory if mode == "stream" else None)
@@ -102,6 +126,56 @@ def extrapolate(streamed: dict, memory: dict, n_train: int, tokens: int, batch: 
     return out
 
 
+def same_tensors(a: Path, b: Path) -> dict:
+    """The safetensors of two model directories compared tensor by tensor (bit for bit), one tensor at a time."""
+    from safetensors import safe_open
+
+    def names(root: Path) -> dict:
+        out = {}
+        for f in root.glob("*.safetensors"):
+            if f.name != "direction.safetensors":
+                with safe_open(str(f), "pt") as g:
+                    out.update(dict.fromkeys(g.keys(), f))
+        return out
+
+    na, nb = names(a), names(b)
+    differ = []
+    for n in sorted(set(na) & set(nb)):
+        with safe_open(str(na[n]), "pt") as f, safe_open(str(nb[n]), "pt") as g:
+            x, y = f.get_tensor(n), g.get_tensor(n)
+            if x.dtype != y.dtype or x.shape != y.shape or not bool((x.view(-1).view(torch_uint(x)) ==
+                                                                    y.view(-1).view(torch_uint(y))).all()):
+                differ.append(n)
+    return {"tensors": len(set(na) | set(nb)), "only_in_one": sorted(set(na) ^ set(nb)), "differ": differ}
+
+
+def torch_uint(t):
+    import torch
+
+    return {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()]
+
+
+def main_run(args, src: Path, work: Path, measure) -> int:
+    """--run: `abliterate run` in memory and `run --stream --max-memory` end to end, compared."""
+    tail = [args.n_train, args.n_select, args.max_memory, args.n_eval]
+    idle = measure(["idle"])
+    memory = measure(["run-memory", str(src), str(work / "run-memory"), *tail])
+    streamed = measure(["run-stream", str(src), str(work / "run-stream"), *tail])
+    print(json.dumps({
+        "model": str(args.model), "input": str(src),
+        "weights_mb": round(sum(p.stat().st_size for p in src.glob("*.safetensors")) / MB, 1),
+        "shards": len(list(src.glob("*.safetensors"))), "max_memory": args.max_memory,
+        "prompts": {"n_train": args.n_train, "n_select": args.n_select, "n_eval_harmful": args.n_eval,
+                    "n_eval_harmless": args.n_eval},
+        "imports_only": idle, "in_memory": memory, "streamed": streamed,
+        "peak_above_imports_mb": {"in_memory": round(memory["peak_rss_mb"] - idle["peak_rss_mb"], 1),
+                                  "streamed": round(streamed["peak_rss_mb"] - idle["peak_rss_mb"], 1)},
+        "same_layer": memory["layer"] == streamed["layer"], "same_metrics": memory["metrics"] == streamed["metrics"],
+        "baked": same_tensors(work / "run-memory", work / "run-stream"),
+    }, indent=2))
+    return 0
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--child"]:
         return child(sys.argv[2:])
@@ -112,6 +186,9 @@ def main() -> int:
     parser.add_argument("--n-train", default="128", help="prompts of each set for the means (default: 128)")
     parser.add_argument("--n-select", default="16", help="held-out prompts of each set for selection (default: 16)")
     parser.add_argument("--out", help="keep the inputs and outputs here (default: a temporary directory, removed)")
+    parser.add_argument("--run", action="store_true", help="measure the whole `abliterate run` instead, in memory "
+                        "and with --stream --max-memory: peak memory, stages, layer, figures, baked tensors")
+    parser.add_argument("--n-eval", default="16", help="--run: evaluation prompts of each set (default: 16)")
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -130,6 +207,11 @@ def main() -> int:
     src = Path(args.model).expanduser().resolve()
     if args.reshard:
         src = work / "input" if (work / "input").is_dir() else reshard(src, work / "input", check_size(args.reshard))
+    if args.run:
+        code = main_run(args, src, work, measure)
+        if not args.out:
+            shutil.rmtree(work, ignore_errors=True)
+        return code
     weights = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     common = [str(src)]
     tail = [args.n_train, args.n_select, args.max_memory]

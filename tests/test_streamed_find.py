@@ -201,8 +201,8 @@ def test_stream_refuses_what_it_cannot_read(capsys, tmp_path, sharded, model_dir
 
 
 def test_run_stream_finds_the_in_memory_direction(capsys, caplog, tmp_path, sharded):
-    """run --stream: steps 3-5 streamed, then the evaluation and the bake in memory (it says so); the direction
-    and the edited model's metrics are the in-memory run's."""
+    """run --stream: every step streamed (it says so); the direction and the edited model's metrics are the
+    in-memory run's (tests/test_streamed_eval.py compares the whole run)."""
     from conftest import FAST
 
     _, src = sharded("llama")
@@ -210,7 +210,7 @@ def test_run_stream_finds_the_in_memory_direction(capsys, caplog, tmp_path, shar
     assert code == 0, err
     code, _, err = run_cli(capsys, "run", src, "-o", tmp_path / "stream", *FAST, "--stream")
     assert code == 0, err
-    assert "evaluation, edit and save: in memory" in caplog.text
+    assert "evaluate edited: streamed, one block at a time, from the shards just written" in caplog.text
     a, b = (_saved(tmp_path / name / "direction.safetensors") for name in ("memory", "stream"))
     assert (a.layer, a.position) == (b.layer, b.position) and torch.allclose(a.vector, b.vector, atol=1e-6)
     ma, mb = (json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("memory", "stream"))

@@ -56,10 +56,12 @@ class RunConfig:
     min_layer_frac: float = opt(0.2, "skip candidate layers below this fraction of depth")
     max_layer_frac: float = opt(0.8, "skip candidate layers at or above this fraction of depth (Arditi: 0.8)")
     select_kl_max: float = opt(0.1, "candidates with a larger first-token KL on harmless prompts are rejected")
-    # big models: activations and selection one decoder block at a time (docs/big-models.md)
+    # big models: every step one decoder block at a time (docs/big-models.md)
     stream: bool = opt(False, "find the direction one decoder block at a time, each read from the safetensors "
-                       "shards and freed, never loading the model whole (a local model directory)")
-    max_memory: str | None = opt(None, "memory budget for the streamed weights and activations, e.g. 512MB or 8GB: "
+                       "shards and freed, never loading the model whole (a local model directory); run also "
+                       "evaluates that way and bakes shard by shard")
+    max_memory: str | None = opt(None, "memory budget for the streamed weights, activations and key/value caches, "
+                                 "e.g. 512MB or 8GB: "
                                  "a model whose weights do not fit streams as with --stream, in as many passes "
                                  "as the budget needs")
     # search (run --search): the edit is searched instead of plain abliteration

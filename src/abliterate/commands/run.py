@@ -5,8 +5,8 @@
     3. collect activations                  find.activations.collect
     4. difference-of-means candidates       find.directions.Candidates
     5. select a direction                   find.selection.select
-       (--stream or --max-memory: steps 3-5 one decoder block at a time, model.streamed; the model loads whole
-       after them, for the evaluation)
+       (--stream, or --max-memory under the weights' size: every step one decoder block at a time, model.streamed;
+       the bake shard by shard, export.streamed, and the edited model evaluated from the shards it wrote)
     6. evaluate the original                measure.evaluation.evaluate
     7. orthogonalize the weights            edit.project.orthogonalize_
     8. evaluate the edited model            measure.evaluation.evaluate
@@ -22,13 +22,17 @@ import hashlib
 import json
 import logging
 import sys
+import tempfile
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..config import DemoOptions, RunConfig, RunOptions
-from ..edit.weighted import apply_ablation_
+from ..edit.project import plain
+from ..edit.weighted import apply_ablation_, edited_names
+from ..errors import AbliterateError
 from ..export.files import DIRECTION, GENERATIONS, METRICS, REPORT, manifest, to_json
 from ..export.hf import save_model
 from ..export.outputs import (
@@ -111,6 +115,8 @@ class RunResult:
     overlap: Overlap | None = None  # of the report set with the fit and select sets
     long: long.LongEffects | None = None  # with --long-tokens
     judge: JudgeResult | None = None  # with --judge
+    paths: dict[str, str] | None = None  # streamed: how each stage ran (streamed, shard by shard, skipped)
+    capability_skipped: str | None = None  # why --capability was not measured (streamed)
 
 
 def side_by_side(before: Evaluation, after: Evaluation, long_answers: long.LongEffects | None = None) -> dict:
@@ -229,15 +235,11 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     if out is not None:  # before the slow load: the input itself as output, an existing output
         check_model_output(out, source, cfg.force, cfg.gguf_type)
     judge = load_judge(cfg)  # before the model: a --judge that cannot load stops here, with nothing written
-    selection = searched = found = None
-    streamed = open_streamed(source, cfg)  # --stream or --max-memory: steps 3-5 one block at a time
+    selection = searched = None
+    streamed = open_streamed(source, cfg)  # --stream or --max-memory: every step one block at a time
     if streamed is not None:
-        with timer("load"):  # the skeleton: config, headers, 1-D tensors
-            sk_loaded = streamed.loaded
-        found = find_direction(sk_loaded, streamed.layout, cfg, timer, sp, streamed=streamed)
-        del streamed, sk_loaded
-        log.warning("evaluation, edit and save: in memory (the model loads whole now; to bake without loading it, "
-                    "save the direction with `directions --stream` and bake it with `apply --stream`)")
+        return run_streamed(streamed, source, out, cfg, timer, sp, split_rec, overlap, report_sets, cap,
+                            bool(tasks), bool(long_sets), judge)
     with timer("load"):
         loaded, layout = load(source, cfg)
     if out is not None:
@@ -245,7 +247,7 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     if cfg.search:
         direction, cands, searched = search_edit(loaded, layout, cfg, timer, out, sp)
     else:
-        direction, cands, selection = found or find_direction(loaded, layout, cfg, timer, sp)
+        direction, cands, selection = find_direction(loaded, layout, cfg, timer, sp)
     with timer("evaluate original"):
         before = run_eval(loaded, cfg, eval_harmful, eval_harmless)
         cap_before = run_capability(loaded, cfg, cap) if cap else None
@@ -301,6 +303,107 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
                      overlap, long_effects, judged)
 
 
+CAPABILITY_SKIPPED = ("the multiple-choice check runs each question's choices on a key/value cache of the question "
+                      "(measure.capability), which the streamed forward does not run, and streaming it as it is would "
+                      "read every block once per question")
+
+
+def run_streamed(sm, source: str, out: str | Path | None, cfg: RunConfig, timer: Timer, sp: Splits, split_rec,
+                 overlap: Overlap, report_sets, cap, tasks: bool, long_answers: bool, judge) -> RunResult:
+    """Steps 2-9 without loading the model whole: activations, selection and the original's evaluation one block
+    at a time from `source`'s shards (`sm`, a `model.streamed.StreamedModel`), the bake shard by shard into the
+    output (`export.streamed.save_streamed`), and the edited model's evaluation one block at a time from the
+    shards just written, before the output is moved into place. Without an output the edited model goes to a
+    temporary directory, removed after. Says on stderr how each stage runs."""
+    from ..export.streamed import open_skeleton, save_streamed
+    from ..model.streamed import StreamedModel
+
+    def refuse(option: str, why: str) -> None:
+        raise AbliterateError(f"run --stream does not run {option} ({why}); leave out {option}, or run without "
+                              f"--stream and --max-memory on a machine that holds the model")
+
+    if out is not None and is_gguf(out):
+        raise AbliterateError(f"run --stream writes a Hugging Face directory, not {out}: give a directory and "
+                              f"convert it (abliterate convert DIR -o {out}), or leave out --stream")
+    if tasks:
+        refuse("--tasks", "lm-eval runs the whole model in memory")
+    if long_answers:
+        refuse("--long-tokens", "the long answers are not generated one block at a time")
+    paths: dict[str, str] = {}
+
+    def stage(name: str, how: str) -> None:
+        paths[name] = how
+        log.warning("%s: %s", name, how)
+
+    eval_harmful, eval_harmless = report_sets
+    fmt, tok = chat_format(cfg), sm.tokenizer
+    texts = fmt.render_all(tok, eval_harmful.prompts) + fmt.render_all(tok, eval_harmless.prompts)
+    longest = max(map(len, tok(texts, add_special_tokens=False).input_ids))
+    sm.check_generation(longest, max(cfg.max_new_tokens, cfg.kl_tokens))  # before any block is read
+    sm.check_budget(longest + cfg.kl_tokens)
+    with timer("load"):  # the skeleton: config, headers, 1-D tensors
+        sk_loaded = sm.loaded
+    stage("activations and selection", "streamed, one block at a time")
+    direction, cands, selection = find_direction(sk_loaded, sm.layout, cfg, timer, sp, streamed=sm)
+    stage("evaluate original", f"streamed, one block at a time, from {source}")
+    with timer("evaluate original"):
+        before = run_eval(sk_loaded, cfg, eval_harmful, eval_harmless, model=sm)
+    skipped = None
+    if cap:
+        skipped = CAPABILITY_SKIPPED
+        stage("capability", f"skipped ({skipped}); --capability none leaves it out")
+    ablation = plain(direction, sm.layout.n_layers)
+    edited = edited_names(ablation, sm.layout)
+    stage("orthogonalize and save", "streamed, shard by shard" + ("" if out is not None else
+                                                                   " (no -o: into a temporary directory, removed)"))
+    info: dict = {}
+    result: dict = {}
+    start = time.perf_counter()
+
+    def evaluate_written(tmp: Path) -> None:
+        """In the output's temporary directory, the weights written: the edited model's evaluation, the manifest
+        and the files beside it."""
+        timer.stages["orthogonalize"] = time.perf_counter() - start
+        stage("evaluate edited", "streamed, one block at a time, from the shards just written")
+        with timer("evaluate edited"):
+            edited_sm = StreamedModel(open_skeleton(tmp, cfg), max_memory=sm.max_memory, batch_size=cfg.batch_size,
+                                      n_logits=sm.n_logits, source=str(tmp))
+            after = run_eval(sk_loaded, cfg, eval_harmful, eval_harmless, reference=before, model=edited_sm)
+        judged = None
+        if judge is not None:
+            with timer("judge"):
+                judged = run_judge(judge, cfg, after, before)
+        manifest = manifest_for(sk_loaded, cfg, direction, selection, before, after, edited, dict(timer.stages),
+                                split_rec.to_dict(overlap))
+        manifest["paths"] = dict(paths)
+        if skipped:
+            manifest["capability"] = {"skipped": skipped}
+        if judged is not None:
+            manifest["metrics"]["judge"] = judged.to_dict()
+        facts = {"how each stage ran": "; ".join(f"{k}: {v}" for k, v in paths.items())}
+        if skipped:
+            facts["capability"] = f"not measured: {skipped}"
+        report = run_report(source, direction, before, after, selection, timer.stages, note=overlap.note(),
+                            judge=judged, facts=facts)
+        direction.save(tmp / DIRECTION, cands)
+        (tmp / METRICS).write_text(to_json(manifest["metrics"]))
+        (tmp / GENERATIONS).write_text(to_json(side_by_side(before, after)))
+        (tmp / REPORT).write_text(report)
+        info.update(manifest)
+        result.update(after=after, judged=judged, report=report)
+
+    saved = None
+    if out is not None:
+        saved = save_streamed(sm.skel, ablation, out, manifest=info, extra=evaluate_written, force=cfg.force)
+    else:
+        with tempfile.TemporaryDirectory(prefix="abliterate-run-") as tmp:
+            save_streamed(sm.skel, ablation, Path(tmp) / "edited", manifest=info, extra=evaluate_written)
+    timer.stages["save"] = time.perf_counter() - start - timer.stages["orthogonalize"] - \
+        timer.stages["evaluate edited"] - timer.stages.get("judge", 0.0)
+    return RunResult(direction, before, result["after"], selection, saved, timer.stages, info, result["report"],
+                     judge=result["judged"], paths=paths, capability_skipped=skipped)
+
+
 def cmd_run(args) -> int:
 
     cfg = run_config(args)
@@ -316,6 +419,8 @@ def cmd_run(args) -> int:
                         result.overlap.note() if result.overlap else None))
     if result.capability:
         print(capability_table(result.capability))
+    if result.capability_skipped:
+        print(f"capability: not measured ({result.capability_skipped}); pass --capability none to leave it out")
     if "lm_eval" in result.manifest:
         print(harness.table(result.manifest["lm_eval"]))
     if result.long:
@@ -324,6 +429,8 @@ def cmd_run(args) -> int:
         print(judge_table(result.judge))
     print(samples_text(result.before, result.after))
     print("\ntimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    if result.paths:
+        print("how each stage ran: " + "; ".join(f"{k}: {v}" for k, v in result.paths.items()))
     write_report(args, result.report)
     if result.output and result.output.suffix == ".gguf":
         print_gguf(result.output, result.manifest)

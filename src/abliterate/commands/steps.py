@@ -245,11 +245,12 @@ def eval_sets(cfg: RunConfig) -> tuple[PromptSet, PromptSet]:
 
 
 def run_eval(loaded: Loaded, cfg: RunConfig, harmful: PromptSet, harmless: PromptSet,
-             reference: Evaluation | None = None) -> Evaluation:
+             reference: Evaluation | None = None, model=None) -> Evaluation:
+    """Steps 6 and 8 on `loaded.model`, or on `model` (a `model.streamed.StreamedModel`: one block at a time)."""
     fmt = chat_format(cfg)
     tok = loaded.tokenizer
     return evaluate(
-        loaded.model, tok, fmt.render_all(tok, harmful.prompts), fmt.render_all(tok, harmless.prompts),
+        loaded.model if model is None else model, tok, fmt.render_all(tok, harmful.prompts), fmt.render_all(tok, harmless.prompts),
         harmful_prompts=list(harmful.prompts), harmless_prompts=list(harmless.prompts), reference=reference,
         max_new_tokens=cfg.max_new_tokens, kl_tokens=cfg.kl_tokens, batch_size=cfg.batch_size,
     )

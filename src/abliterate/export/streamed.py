@@ -294,9 +294,9 @@ def save_streamed(skel: Skeleton, ablation: Ablation, out: str | Path, *, manife
                      "weight_map": weight_map}
             (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         _save_configs(skel, tmp)
-        (tmp / MANIFEST).write_text(to_json(manifest))
-        if extra is not None:
+        if extra is not None:  # before the manifest: `run --stream` evaluates the written model here and fills it in
             extra(tmp)
+        (tmp / MANIFEST).write_text(to_json(manifest))
 
     return write_dir_atomic(out, fill, force)
 

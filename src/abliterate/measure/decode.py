@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from ..model.forward import first_param, id_batches
+from ..model.streamed import StreamedModel
 
 
 @dataclass
 class Generated:
     text: list[str]
     ids: list[list[int]]  # response token ids, EOS included, padding dropped
-    logprobs: torch.Tensor | None = None  # (N, k, V) float32, log-softmax at the first k steps
+    logprobs: torch.Tensor | None = None  # (N, k, V) float32, log-softmax at the first k steps (streamed: on disk,
+    # a `model.streamed.SpilledRows`; index it by row, logprobs[i])
     mask: torch.Tensor | None = None  # (N, k) bool, steps up to and including EOS
     first: torch.Tensor | None = None  # (N, V) float32 logits at the first step
 
@@ -109,9 +112,11 @@ def greedy(model, prefix: list[int], suffixes: list[list[int]], *, max_new_token
 
 def generate(model, tokenizer, texts: list[str], *, max_new_tokens: int, batch_size: int, keep_logprobs: int = 0,
              desc: str | None = "generate") -> Generated:
-    """Greedy answers to formatted `texts`, decoded; see `greedy`."""
+    """Greedy answers to formatted `texts`, decoded; see `greedy` (`model` a `StreamedModel`: its `greedy`, the same
+    loop one block at a time)."""
     prefix, suffixes = split_prefix(tokenizer(list(texts), add_special_tokens=False).input_ids)
-    gen = greedy(model, prefix, suffixes, max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_token_id,
+    loop = model.greedy if isinstance(model, StreamedModel) else partial(greedy, model)
+    gen = loop(prefix, suffixes, max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_token_id,
                  eos=eos_ids(model, tokenizer), batch_size=batch_size, keep_logprobs=keep_logprobs, desc=desc)
     gen.text = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in gen.ids]
     return gen

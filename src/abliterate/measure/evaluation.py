@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..model.forward import first_param, forward, id_batches
+from ..model.streamed import StreamedModel
 from .decode import Generated, generate
 from .kl import kl_logprobs
 from .refusal import is_refusal
@@ -27,7 +28,6 @@ INSTRUMENT = "markers"
 def teacher_forced_kl(model, tokenizer, texts: list[str], ref: Generated, batch_size: int) -> torch.Tensor:
     """KL(reference || model) at each of the first k steps of the reference answers, (N, k); 0 where masked."""
     k = ref.logprobs.shape[1]
-    device = first_param(model).device
     prompt_ids = tokenizer(list(texts), add_special_tokens=False).input_ids
     # Feed the first k-1 answer tokens; the logits at the last k positions predict answer tokens 0..k-1.
     # Answers shorter than k are padded with their own EOS: those steps are masked out anyway.
@@ -36,13 +36,22 @@ def teacher_forced_kl(model, tokenizer, texts: list[str], ref: Generated, batch_
         cont = (ans + [ans[-1] if ans else tokenizer.pad_token_id] * k)[: k - 1]
         seqs.append(p + cont)
     kl = torch.zeros(len(texts), k)
-    for batch in id_batches(seqs, tokenizer.pad_token_id, batch_size, device):
-        logits = forward(model, batch, logits_to_keep=k).logits.float().cpu()  # (B, k, V)
+    for index, logits in forced_logits(model, seqs, tokenizer.pad_token_id, batch_size, k):  # (b, k, V) each
         new = torch.log_softmax(logits, -1)
-        for row, i in enumerate(batch.index):
-            r = ref.logprobs[i, :, : new.shape[-1]]
+        for row, i in enumerate(index):
+            r = ref.logprobs[i][:, : new.shape[-1]]
             kl[i] = kl_logprobs(r, new[row]) * ref.mask[i]
     return kl
+
+
+def forced_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int, k: int):
+    """(indices into `seqs`, float32 logits at their last `k` positions) batch by batch; a `StreamedModel`'s own
+    pass, one block at a time, in the same batches."""
+    if isinstance(model, StreamedModel):
+        yield from model.forced_logits(seqs, k, batch_size=batch_size)
+        return
+    for batch in id_batches(seqs, pad_id, batch_size, first_param(model).device):
+        yield batch.index, forward(model, batch, logits_to_keep=k).logits.float().cpu()
 
 
 @dataclass

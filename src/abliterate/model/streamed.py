@@ -17,16 +17,24 @@ model's own modules:
 Interventions are the in-memory hooks (`edit.project.ablated`, `added`) installed on the skeleton: they
 sit on the modules the materialized weights fill, so each stream of a pass runs under its own hooks.
 
+Evaluation (run --stream): `greedy` is `measure.decode.greedy` with every batch of a pass advancing together, so
+a step reads every block and the head once; each block fills its layer of each batch's key/value cache.
+`forced_logits` gives the teacher-forced logits the KL needs. Both in the in-memory batches, so the same answers
+and figures.
+
 Memory (`Budget`): the largest block, twice while it is read (the copy and the shard's mapped pages), the
-hidden states of every stream of a pass, one batch's block temporaries, and the head's slice and logits. A
-pass whose streams do not fit is split into several passes (each loads every block once).
+hidden states of every stream of a pass, one batch's block temporaries, and the head's slice and logits; a
+generation's pass also its key/value caches and step logits. A pass whose streams do not fit is split into several
+passes (each loads every block once, per step for a generation).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -100,11 +108,16 @@ class Budget:
     per_token: int  # hidden states kept between blocks: H * itemsize per token of every batch of the pass
     work_per_token: int  # a block's temporaries per token of the batch it runs (MLP, q/k/v, attention output)
     score_per_entry: int  # attention scores: per (token, key position) of the batch, times the heads
+    kv_per_token: int = 0  # a generation's key/value cache: every block's keys and values of one token
+    logits_per_row: int = 0  # a generation step's logits of one prompt, and their log-softmax (float32)
 
-    def needed(self, tokens: int, batch_tokens: int, width: int) -> int:
-        """A pass holding `tokens` tokens of hidden states, running batches of `batch_tokens` tokens, `width` wide."""
+    def needed(self, tokens: int, batch_tokens: int, width: int, cache_tokens: int = 0, rows: int = 0) -> int:
+        """A pass holding `tokens` tokens of hidden states, running batches of `batch_tokens` tokens, `width` wide;
+        a generation's pass also holds the key/value cache of `cache_tokens` tokens and the logits of `rows`
+        prompts at each step."""
         work = batch_tokens * (self.work_per_token + self.score_per_entry * width)
-        return 2 * self.block + self.fixed + self.head + self.per_token * tokens + work
+        return (2 * self.block + self.fixed + self.head + self.per_token * tokens + work
+                + self.kv_per_token * cache_tokens + self.logits_per_row * rows)
 
 
 class StreamedModel:
@@ -190,7 +203,11 @@ class StreamedModel:
         moe = int(getattr(cfg, "num_experts_per_tok", 1) or 1)
         heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
         work = (3 * moe * inter + 6 * self.hidden_size) * self.itemsize  # gate, up, their product; q, k, v, out
-        return Budget(block, fixed, head, self.hidden_size * self.itemsize, work, 2 * heads * self.itemsize)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or self.hidden_size // heads)
+        kv = len(self.blocks) * 2 * kv_heads * head_dim * self.itemsize  # keys and values of every block
+        return Budget(block, fixed, head, self.hidden_size * self.itemsize, work, 2 * heads * self.itemsize, kv,
+                      2 * self.vocab * 4)
 
     def _head_rows(self) -> int:
         """Head rows per slice: a slice is no bigger than a block (so the head does not raise the peak)."""
@@ -201,24 +218,43 @@ class StreamedModel:
 
     def groups(self, items: list[_Item]) -> list[list[_Item]]:
         """The passes: consecutive items whose hidden states fit `max_memory` together (all in one without it)."""
+        def need(part: list[_Item]) -> int:
+            t = part[-1].batch.input_ids.shape[1]
+            return self.budget.needed(sum(it.batch.input_ids.numel() for it in part), self.batch_size * t, t)
+
+        return self._split(items, lambda it: it.batch, need, "one batch of prompts")
+
+    def generation_passes(self, batches: list[Batch], prefix: int, new: int) -> list[list[Batch]]:
+        """The passes of a generation: consecutive batches whose hidden states, key/value cache (the shared prefix
+        once, and each row's prefix, prompt and `new` tokens) and step logits fit `max_memory` together."""
+        def need(part: list[Batch]) -> int:
+            t = max(b.input_ids.shape[1] for b in part)
+            cache = prefix + sum(len(b.index) * (prefix + b.input_ids.shape[1] + new) for b in part)
+            return self.budget.needed(sum(b.input_ids.numel() for b in part), self.batch_size * t, prefix + t + new,
+                                      cache, sum(len(b.index) for b in part))
+
+        return self._split(batches, lambda b: b, need, f"one batch of prompts with its key/value cache for {new} "
+                                                        f"new tokens")
+
+    def _split(self, items: list, batch_of: Callable, need: Callable[[list], int], what: str) -> list[list]:
+        """`items` in consecutive passes whose `need(items of the pass)` fits `max_memory` (one pass without it);
+        when one item alone does not fit, an error naming the smallest budget that works."""
         if self.max_memory is None:
             return [items]
-        out, cur, tokens = [], [], 0
+        out, cur = [], []
         for it in items:
-            b, t = it.batch.input_ids.shape
-            need = self.budget.needed(tokens + b * t, self.batch_size * t, t)
-            if need > self.max_memory:
-                if not cur:
-                    smallest = self.budget.needed(b * t, self.batch_size * t, t)
-                    raise AbliterateError(
-                        f"{self.option} {show_bytes(self.max_memory)} is too small for one block of this model and "
-                        f"one batch of prompts: the smallest budget that works is {show_bytes(smallest)} (largest "
-                        f"block {show_bytes(self.budget.block)}, read twice over, plus one batch of {b} x {t} "
-                        f"tokens): give {self.option} {show_bytes(smallest)} or more, or a smaller --batch-size")
+            if cur and need(cur + [it]) > self.max_memory:
                 out.append(cur)
-                cur, tokens = [], 0
+                cur = []
+            if not cur and need([it]) > self.max_memory:
+                smallest = need([it])
+                b, t = batch_of(it).input_ids.shape
+                raise AbliterateError(
+                    f"{self.option} {show_bytes(self.max_memory)} is too small for one block of this model and {what}: "
+                    f"the smallest budget that works is {show_bytes(smallest)} (largest block "
+                    f"{show_bytes(self.budget.block)}, read twice over, plus one batch of {b} x {t} tokens): give "
+                    f"{self.option} {show_bytes(smallest)} or more, or a smaller --batch-size")
             cur.append(it)
-            tokens += b * t
         return out + [cur] if cur else out
 
     def check_budget(self, longest: int) -> None:
@@ -226,6 +262,12 @@ class StreamedModel:
         fake = _Item(0, Batch([0] * self.batch_size, torch.zeros(self.batch_size, longest, dtype=torch.long),
                               torch.ones(self.batch_size, longest, dtype=torch.long)))
         self.groups([fake])
+
+    def check_generation(self, longest: int, new: int) -> None:
+        """Before any block is read: one batch of `longest`-token prompts generating `new` tokens must fit."""
+        fake = Batch([0] * self.batch_size, torch.zeros(self.batch_size, longest, dtype=torch.long),
+                     torch.ones(self.batch_size, longest, dtype=torch.long))
+        self.generation_passes([fake], 0, new)
 
     # -- weights in and out --------------------------------------------------------------------------------------
 
@@ -313,13 +355,19 @@ class StreamedModel:
     def _decoder(self, batch: Batch, embeds: torch.Tensor, inject: torch.Tensor | None = None):
         """The decoder's forward on one batch, as `model.forward.forward` calls the model (positions count real
         tokens), with recorders for blocks: (the stream entering block 0, each block's arguments, the output)."""
-        calls, start = [], []
         position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+        h, calls, out = self._recorded(embeds, inject, attention_mask=batch.attention_mask, position_ids=position_ids,
+                                       use_cache=False)
+        return h, calls, out.last_hidden_state
+
+    def _recorded(self, embeds: torch.Tensor, inject: torch.Tensor | None = None, **kwargs):
+        """The decoder's forward on `embeds` with `kwargs` (a generation's: its mask, positions and key/value
+        cache), with recorders for blocks: (the stream entering block 0, each block's arguments, the output)."""
+        calls, start = [], []
         with self._recorders(calls, start, inject):
-            out = self.decoder(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=position_ids,
-                               use_cache=False)
+            out = self.decoder(inputs_embeds=embeds, **kwargs)
         assert len(calls) == len(self.blocks), f"the decoder ran {len(calls)} of {len(self.blocks)} blocks"
-        return start[0], calls, out.last_hidden_state
+        return start[0], calls, out
 
     @property
     def loaded(self):
@@ -337,10 +385,10 @@ class StreamedModel:
 
     # -- the pass -----------------------------------------------------------------------------------------------------
 
-    def items(self, streams: list[Stream]) -> list[_Item]:
+    def items(self, streams: list[Stream], batch_size: int | None = None) -> list[_Item]:
         pad = self.tokenizer.pad_token_id
         return [_Item(s, b) for s, stream in enumerate(streams)
-                for b in id_batches(stream.ids, pad, self.batch_size, self.skel.device)]
+                for b in id_batches(stream.ids, pad, batch_size or self.batch_size, self.skel.device)]
 
     @torch.inference_mode()
     def run(self, streams: list[Stream], *, tap: Callable[[int, int, Batch, torch.Tensor], None] | None = None,
@@ -348,18 +396,37 @@ class StreamedModel:
         """Every stream through every block; `tap(stream, layer, batch, hidden)` sees the stream entering each
         block (before the interventions' pre-hooks). With `logits`, yields each stream's next-token logits after
         its last token, (N, V) float32 on CPU in input order, stream by stream."""
-        all_items = self.items(streams)
+        pending: dict[int, list] = {}
+        remaining = [len(stream.ids) for stream in streams]
+        for s, index, last in self._items(streams, tap, 1 if logits else 0, desc):
+            out = pending.setdefault(s, [None] * len(streams[s].ids))
+            for row, i in enumerate(index):
+                out[i] = last[row, -1]
+            remaining[s] -= len(index)
+            if remaining[s] == 0:
+                yield torch.stack(pending.pop(s))
+
+    @torch.inference_mode()
+    def forced_logits(self, ids: list[list[int]], keep: int, hooks: Hooks | None = None, desc: str = "forced",
+                      batch_size: int | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """`measure.evaluation.teacher_forced_kl`'s forward: the logits at the last `keep` positions of every
+        sequence of `ids`, in one pass (or as many as --max-memory needs). Yields (indices into `ids`, their
+        (b, keep, V) float32 logits on CPU), a few rows at a time (`n_logits` positions), in batch order."""
+        for _, index, logits in self._items([Stream(ids, hooks)], None, keep, desc, batch_size):
+            yield index, logits
+
+    def _items(self, streams: list[Stream], tap, keep: int, desc: str, batch_size: int | None = None):
+        """(stream, indices, logits at the last `keep` positions (b, keep, V)) per head chunk of every item."""
+        all_items = self.items(streams, batch_size)
         self.check_budget(max(it.batch.input_ids.shape[1] for it in all_items))
         with self._other_embeddings():
-            yield from self._run(streams, all_items, tap, logits, desc)
+            yield from self._run(streams, all_items, tap, keep, desc)
 
-    def _run(self, streams, all_items, tap, logits, desc):
+    def _run(self, streams, all_items, tap, keep, desc):
         groups = self.groups(all_items)
         if len(groups) > 1:
             log.warning("%s %s: %s in %d passes (each reads every block once)", self.option,
                         show_bytes(self.max_memory), desc, len(groups))
-        pending: dict[int, list] = {}
-        remaining = {s: sum(1 for it in all_items if it.stream == s) for s in range(len(streams))}
         for group in groups:
             self._start(group, streams)
             for layer in tqdm(range(len(self.blocks)), desc=desc, leave=False, unit="block"):
@@ -375,15 +442,13 @@ class StreamedModel:
                                 it.hidden = block(it.hidden, *args, **kwargs)
             for s in dict.fromkeys(it.stream for it in group):  # the head, stream by stream: one's logits at a time
                 for it in (it for it in group if it.stream == s):
-                    if logits:
-                        last = self._head(it)
-                        out = pending.setdefault(s, [None] * len(streams[s].ids))
-                        for row, i in enumerate(it.batch.index):
-                            out[i] = last[row]
+                    if keep:
+                        _, _, normed = self._decoder(it.batch, it.hidden, inject=it.hidden)
+                        rows = max(1, self.n_logits // keep)  # a few rows at a time: V floats per position
+                        for a in range(0, len(it.batch.index), rows):
+                            (logits,) = self._head([normed[a:a + rows, -keep:]])
+                            yield s, it.batch.index[a:a + rows], logits
                     it.hidden = it.calls = None
-                    remaining[s] -= 1
-                if logits and remaining[s] == 0:
-                    yield torch.stack(pending.pop(s))
 
     def _start(self, group: list[_Item], streams: list[Stream]) -> None:
         """The stream entering block 0 for each item, under its stream's intervention, and what each block is
@@ -396,21 +461,180 @@ class StreamedModel:
                     embeds = emb(compact)
                     it.hidden, it.calls, _ = self._decoder(it.batch, embeds)
 
-    def _head(self, it: _Item) -> torch.Tensor:
-        """Next-token logits of one item: the decoder's final norm on its last stream, then the head's rows in
-        slices, (B, V) float32 on CPU."""
-        _, _, normed = self._decoder(it.batch, it.hidden, inject=it.hidden)
-        x = normed[:, -1]  # (B, H)
+    def _head(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The head on final-norm outputs `xs` (each (B, K, H)): logits (B, K, V) float32 on CPU each, the head's
+        rows read in slices once for all of `xs`."""
         head = self.layout.lm_head
         bias = head.bias if getattr(head, "bias", None) is not None and head.bias.device.type != "meta" else None
         rows = self._head_rows()
-        out = torch.empty(x.shape[0], self.vocab, dtype=torch.float32)
+        outs = [torch.empty(*x.shape[:-1], self.vocab, dtype=torch.float32) for x in xs]
         shard = self.skel.ckpt.where[self._head_name]
         for a in range(0, self.vocab, rows):
             with safe_open(str(self.skel.ckpt.root / shard), "pt") as f:  # reopened: its mapped pages go
-                w = f.get_slice(self._head_name)[a:a + rows].to(self.skel.dtype).to(x.device)
-            out[:, a:a + rows] = F.linear(x, w, None if bias is None else bias[a:a + rows]).float().cpu()
+                w = f.get_slice(self._head_name)[a:a + rows].to(self.skel.dtype).to(xs[0].device)
+            for x, out in zip(xs, outs):
+                out[..., a:a + rows] = F.linear(x, w, None if bias is None else bias[a:a + rows]).float().cpu()
         cap = getattr(self.config, "final_logit_softcapping", None)  # Gemma 2's head, as its forward applies it
         if cap:
-            out = torch.tanh(out / cap) * cap
-        return out
+            outs = [torch.tanh(out / cap) * cap for out in outs]
+        return outs
+
+    # -- greedy generation ---------------------------------------------------------------------------------------------
+
+    @property
+    def generation_config(self):
+        """The checkpoint's generation config, read as `from_pretrained` reads it (its EOS tokens end answers)."""
+        from transformers import GenerationConfig
+
+        if getattr(self, "_generation_config", None) is None:
+            try:
+                self._generation_config = GenerationConfig.from_pretrained(self.skel.ckpt.root)
+            except OSError:  # no generation_config.json: made from config.json, as from_pretrained falls back
+                self._generation_config = GenerationConfig.from_pretrained(
+                    self.skel.ckpt.root, config_file_name="config.json", _from_model_config=True)
+        return self._generation_config
+
+    @torch.inference_mode()
+    def greedy(self, prefix: list[int], suffixes: list[list[int]], *, max_new_tokens: int, pad_id: int,
+               eos: set[int], batch_size: int, keep_logprobs: int = 0, desc: str | None = None,
+               hooks: Hooks | None = None):
+        """`measure.decode.greedy`, one block at a time: the same batches, key/value caches and steps, so the same
+        answers and log-probabilities. Every batch of a pass advances together, so a step reads every block (and
+        the head) once for all of them; a pass holds its batches' caches (`generation_passes`). The kept
+        log-probabilities go to a temporary file as they are made (`SpilledRows`); `first` is not kept."""
+        from ..measure.decode import Generated
+
+        device = self.skel.device
+        vocab = self.config.vocab_size
+        answers: list[list[int]] = [[] for _ in suffixes]
+        logprobs = SpilledRows(len(suffixes), keep_logprobs, vocab) if keep_logprobs else None
+        mask_k = torch.zeros(len(suffixes), keep_logprobs, dtype=torch.bool) if keep_logprobs else None
+        batches = list(id_batches(suffixes, pad_id, batch_size, device))
+        passes = self.generation_passes(batches, len(prefix), max_new_tokens)
+        if len(passes) > 1:
+            log.warning("%s %s: %s in %d passes (each step reads every block once)", self.option,
+                        show_bytes(self.max_memory), desc or "generation", len(passes))
+        eos_t = torch.tensor(sorted(eos), device=device)
+        with self._other_embeddings(), (hooks(self.model) if hooks is not None else nullcontext()):
+            cache = self._prefix_cache(prefix) if prefix else None
+            for part in passes:
+                gens = [_Gen.start(b, len(prefix), cache, device) for b in part]
+                for step in tqdm(range(max_new_tokens), desc=desc, disable=desc is None, leave=False, unit="token"):
+                    live = [g for g in gens if not g.finished]
+                    if not live:
+                        break
+                    for g, logits in zip(live, self._step(live)):
+                        if step < keep_logprobs:
+                            kept = torch.log_softmax(logits, -1).cpu()
+                            for row, i in enumerate(g.batch.index):
+                                if not g.done[row]:  # the in-memory loop keeps steps up to and including EOS
+                                    logprobs.write(i, step, kept[row])
+                        nxt = logits.argmax(-1).masked_fill(g.done, pad_id)
+                        g.out.append(nxt)
+                        g.done |= torch.isin(nxt, eos_t)
+                        g.advance(nxt)
+                for g in gens:
+                    toks = torch.stack(g.out, 1).cpu()
+                    for row, i in enumerate(g.batch.index):
+                        seq = toks[row].tolist()
+                        end = next((t + 1 for t, tok in enumerate(seq) if tok in eos), len(seq))
+                        answers[i] = seq[:end]
+                        if keep_logprobs:
+                            mask_k[i, :min(keep_logprobs, len(seq), end)] = True
+                del gens
+        return Generated([""] * len(suffixes), answers, logprobs, mask_k, None)
+
+    def _prefix_cache(self, prefix: list[int]):
+        """The shared prefix run once, as `decode.greedy` runs it (no mask, positions from 0): its cache."""
+        ids = torch.tensor([prefix], device=self.skel.device)
+        table = ids.flatten().unique(sorted=True)
+        with self._token_rows(table.cpu()) as emb:
+            hidden, calls, out = self._recorded(emb(torch.searchsorted(table, ids)), use_cache=True)
+        for layer in range(len(self.blocks)):
+            with self._materialized(layer) as block:
+                args, kwargs = calls[layer]
+                hidden = block(hidden, *args, **kwargs)
+        return out.cache
+
+    def _step(self, gens: list[_Gen]) -> list[torch.Tensor]:
+        """One generation step of every batch in `gens`: their next-token logits, (B, V) float32 each."""
+        ids = torch.cat([g.ids.flatten() for g in gens]).unique(sorted=True)
+        with self._token_rows(ids.cpu()) as emb:
+            for g in gens:
+                g.hidden, g.calls, _ = self._recorded(emb(torch.searchsorted(ids, g.ids)), attention_mask=g.mask,
+                                                      position_ids=g.pos, cache=g.cache, use_cache=True)
+        for layer in range(len(self.blocks)):
+            with self._materialized(layer) as block:
+                for g in gens:
+                    args, kwargs = g.calls[layer]
+                    g.hidden = block(g.hidden, *args, **kwargs)
+        xs = []
+        for g in gens:
+            _, _, out = self._recorded(g.hidden, inject=g.hidden, attention_mask=g.mask[:, -g.hidden.shape[1]:],
+                                       use_cache=False)
+            xs.append(out.last_hidden_state[:, -1:])
+            g.hidden = g.calls = None
+        return [logits[:, -1] for logits in self._head(xs)]
+
+
+@dataclass
+class _Gen:
+    """One batch of a streamed generation: what the next step feeds, and what it made so far."""
+
+    batch: Batch
+    ids: torch.Tensor  # (B, T) the tokens the next step feeds
+    mask: torch.Tensor  # (B, prefix + tokens so far) the attention mask
+    pos: torch.Tensor  # (B, T) their positions
+    cache: object  # the batch's key/value cache (the prefix's, repeated over its rows, and its own tokens)
+    done: torch.Tensor  # (B,) bool
+    out: list  # the tokens of each step, (B,) each
+    finished: bool = False
+    hidden: torch.Tensor | None = None
+    calls: list | None = None
+
+    @classmethod
+    def start(cls, batch: Batch, prefix: int, cache, device) -> _Gen:
+        """As `decode.greedy` starts a batch: the prefix's cache copied for every row, positions counting real
+        tokens."""
+        n = len(batch.index)
+        mask = torch.cat([torch.ones(n, prefix, dtype=torch.long, device=device), batch.attention_mask], 1)
+        past = None
+        if cache is not None:
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(n)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, prefix:]
+        return cls(batch, batch.input_ids, mask, pos, past, torch.zeros(n, dtype=torch.bool, device=device), [])
+
+    def advance(self, nxt: torch.Tensor) -> None:
+        """After a step that made `nxt`: stop when every row has ended, else feed `nxt` next."""
+        if self.done.all():
+            self.finished, self.cache = True, None
+            return
+        n = len(self.batch.index)
+        self.ids = nxt.unsqueeze(-1)
+        self.mask = torch.cat([self.mask, torch.ones(n, 1, dtype=torch.long, device=self.mask.device)], 1)
+        self.pos = self.pos[:, -1:] + 1
+
+
+class SpilledRows:
+    """An (N, k, V) float32 array kept in a temporary file, zeros where not written: a generation's kept
+    log-probabilities (100 prompts x 16 steps x 152k tokens are 970 MB), written one (row, step) at a time and
+    read one row at a time, outside the process's memory (`rows[i]` is row i, (k, V))."""
+
+    def __init__(self, n: int, k: int, v: int):
+        self.shape = (n, k, v)
+        # open as long as the array lives; the file has no name and goes when it is closed or collected
+        self._file = tempfile.TemporaryFile(prefix="abliterate-logprobs-")  # noqa: SIM115
+        self._file.truncate(n * k * v * 4)
+
+    def write(self, i: int, t: int, values: torch.Tensor) -> None:
+        _, k, v = self.shape
+        self._file.seek((i * k + t) * v * 4)
+        self._file.write(values[:v].float().contiguous().numpy().tobytes())
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        n, k, v = self.shape
+        if not isinstance(i, int) or not 0 <= i < n:
+            raise IndexError(f"row {i!r} of {n}")
+        self._file.seek(i * k * v * 4)
+        return torch.frombuffer(bytearray(self._file.read(k * v * 4)), dtype=torch.float32).view(k, v)

@@ -22,12 +22,13 @@ def _fmt(x: float | None) -> str:
 def run_report(model: str, direction, before: Evaluation, after: Evaluation, selection: Selection | None,
                timings: dict[str, float], n_pairs: int = N_PAIRS, note: str | None = None,
                long_answers: LongEffects | None = None, judge: JudgeResult | None = None,
-               capability: tuple[Retention, Scores, Scores] | None = None) -> str:
+               capability: tuple[Retention, Scores, Scores] | None = None, facts: dict | None = None) -> str:
     """`note`: what the figures are not (find.splits.Overlap.note), shown with the run's facts; `long_answers`
     (--long-tokens): a table of the long answers' loops, degenerate answers, late refusals and lengths; `judge`
     (--judge): the judge's counts, its agreement with the markers, and the answers they disagree on;
     `capability` (the comparison and both models' answers): "what it cost", accuracy before and after per
-    MMLU group with intervals, and examples of the items lost."""
+    MMLU group with intervals, and examples of the items lost. `facts`: more lines for the run's facts (how each
+    stage ran, what was skipped)."""
     b, a = before.metrics, after.metrics
     metrics = (["", "original", "abliterated"], [
         ["refusals (harmful prompts)", str(b.rates["refusals"]), str(a.rates["refusals"])],
@@ -43,6 +44,7 @@ def run_report(model: str, direction, before: Evaluation, after: Evaluation, sel
         info["answers to harmful prompts also judged by"] = f"{judge.instrument} ({judge.answers})"
     if note:
         info["evaluation prompts"] = f"{note}: these figures are in-sample, not held out"
+    info.update(facts or {})
     images, tables = [], []
     if selection is not None:
         images.append(("Selection scores", plot_selection(selection.scores, direction.layer)))
