@@ -487,7 +487,7 @@ def test_search_on_the_reference_model(qwen_dir, shared_prompts, tmp_path):
 # The damaged edit of benchmarks/bench_damaged.py (issue 15, part 5): a random unit direction removed DAMAGE_WEIGHT
 # times from every writer and the embeddings. Measured there on the reference model: marker refusals 8/16 -> 0/16
 # at first-token KL 13.1, the answers a loop of one token ("варварвар...").
-DAMAGE_WEIGHT, DAMAGE_PROMPTS, DAMAGE_TOKENS = 4.0, 8, 48
+DAMAGE_WEIGHT, DAMAGE_PROMPTS, DAMAGE_TOKENS = 4.0, 8, 32
 
 
 def test_a_damaged_edit_that_the_markers_pass_is_caught_as_degenerate(qwen_dir, shared_prompts):
