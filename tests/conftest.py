@@ -270,3 +270,23 @@ def chromium(tmp_path_factory):
         return [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
 
     return render
+
+
+SHARD = "40KB"  # the tiny models (about 1 MB) in 10 to 30 shards (the streamed tests)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, tokenizer):
+    """arch -> (in-memory model, its directory saved in SHARD-sized shards), for the streamed tests."""
+    root = tmp_path_factory.mktemp("sharded")
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            model = make_model(arch, tokenizer)
+            model.save_pretrained(root / arch, max_shard_size=SHARD)
+            tokenizer.save_pretrained(root / arch)
+            assert len(list((root / arch).glob("model-*.safetensors"))) >= 3
+            cache[arch] = model, root / arch
+        return cache[arch]
+    return get

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from conftest import ARCHS as ALL
-from conftest import FAST, assert_clean_error, make_model, run_cli
+from conftest import FAST, assert_clean_error, run_cli
 from safetensors.torch import load_file
 
 from abliterate.config import RunConfig
@@ -24,7 +24,6 @@ from abliterate.measure.decode import generate
 from abliterate.measure.evaluation import teacher_forced_kl
 from abliterate.model.streamed import StreamedModel
 
-SHARD = "40KB"  # the tiny models (about 1 MB) in 10 to 30 shards
 ARCHS = [a for a in ALL if a != "qwen3_moe"]  # fused experts: the stream refuses them (test_streamed_find.py)
 
 
@@ -35,23 +34,6 @@ def _texts(tokenizer, n=7):
                                            + " Explain it step by step, with examples." * (i % 3)}],
                                           tokenize=False, add_generation_prompt=True)
             for i, w in enumerate((words * 2)[:n])]
-
-
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory, tokenizer):
-    """arch -> (in-memory model, its directory saved in many small shards)."""
-    root = tmp_path_factory.mktemp("sharded")
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            model = make_model(arch, tokenizer)
-            model.save_pretrained(root / arch, max_shard_size=SHARD)
-            tokenizer.save_pretrained(root / arch)
-            assert len(list((root / arch).glob("model-*.safetensors"))) >= 3
-            cache[arch] = model, root / arch
-        return cache[arch]
-    return get
 
 
 def _same_generation(streamed, memory):

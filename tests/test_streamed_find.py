@@ -14,7 +14,7 @@ import re
 
 import pytest
 import torch
-from conftest import ARCHS, assert_clean_error, make_model, run_cli
+from conftest import ARCHS, SHARD, assert_clean_error, run_cli
 from safetensors.torch import load_file, save_file
 
 from abliterate.config import RunConfig
@@ -26,7 +26,6 @@ from abliterate.model.arch import resolve
 from abliterate.model.forward import last_logits
 from abliterate.model.streamed import StreamedModel, parse_memory
 
-SHARD = "40KB"  # the tiny models (about 1 MB) in 10 to 30 shards
 STREAMABLE = [a for a in ARCHS if a != "qwen3_moe"]  # fused gate/up experts: a clear error (below)
 ARGS = ["--n-train", "8", "--n-select", "4", "--batch-size", "3"]
 
@@ -36,23 +35,6 @@ def _texts(tokenizer, n=7):
     return [tokenizer.apply_chat_template([{"role": "user", "content": f"Tell me about {w}" + " please" * (i % 3)}],
                                           tokenize=False, add_generation_prompt=True)
             for i, w in enumerate((words * 2)[:n])]
-
-
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory, tokenizer):
-    """arch -> (in-memory model, its directory saved in many small shards)."""
-    root = tmp_path_factory.mktemp("sharded")
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            model = make_model(arch, tokenizer)
-            model.save_pretrained(root / arch, max_shard_size=SHARD)
-            tokenizer.save_pretrained(root / arch)
-            assert len(list((root / arch).glob("model-*.safetensors"))) >= 3
-            cache[arch] = model, root / arch
-        return cache[arch]
-    return get
 
 
 def _close(a, b, rel=1e-6):
