@@ -45,7 +45,7 @@ QUANTIZE = ("q8", "q4", "fp16")
 # Transformers.js's names for each dtype's file (its `dtype` option: fp32, q8, q4, fp16).
 FILES = {"fp32": "model.onnx", "q8": "model_quantized.onnx", "q4": "model_q4.onnx", "fp16": "model_fp16.onnx"}
 ONNX_DIR = "onnx"
-# A protobuf file holds at most 2 GiB; above this the weights go to NAME_data beside the graph.
+# A protobuf file holds at most 2 GiB; above this the weights go beside the graph, in chunks (save_onnx).
 EXTERNAL_BYTES = 2 * 1024**3 - 64 * 1024**2
 # External data goes in chunks of at most 1 GiB (a tensor bigger than that gets a chunk of its own); tensors
 # under 1 KiB stay in the graph.
@@ -146,7 +146,7 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def export_graph(model: nn.Module, path: Path, hidden_layer: int | None = None) -> Path:
-    """Write the fp32 decoder graph to `path` (weights in PATH_data when they pass 2 GB). The model must be
+    """Write the fp32 decoder graph to `path` (weights in PATH_data chunks when they pass 2 GB). The model must be
     float32 on the CPU."""
     onnx, _ = require()
     shapes = Shapes.of(model)
