@@ -33,6 +33,9 @@ from ..export.files import load_tensors, save_tensors
 from ..model.arch import Layout, Writer, text_config
 from ..model.forward import first_param
 
+# The bake edits a writer in blocks of rows of at most this many float32 bytes (`WriterEdit.apply_`).
+BLOCK_BYTES = 64 << 20
+
 NORM_MODES = ("none", "row", "column")
 
 
@@ -192,14 +195,31 @@ class WriterEdit:
     scales: torch.Tensor | None = None  # (H,) for "row", (in,) for "column"; from the component's matrix
 
     def __call__(self, w: torch.Tensor, out_dim: int) -> torch.Tensor:
-        """`w` edited: computed in float32 on `w`'s device, returned in `w`'s dtype (`out_dim`: its residual axis)."""
-        wm = w.movedim(out_dim, -1).float()  # (..., H)
-        wm = project(wm, self.basis.to(wm.device), self.weight)
-        if self.norm == "row":
-            wm = wm * self.scales.to(wm.device)
-        elif self.norm == "column" and w.dim() >= 2:  # a bias has no input features to scale
-            wm = wm * self.scales.to(wm.device).reshape(wm.shape[:-1]).unsqueeze(-1)
-        return wm.movedim(-1, out_dim).to(w.dtype)
+        """`w` edited, as a new tensor (`apply_` on a copy)."""
+        return self.apply_(w.clone(), out_dim)
+
+    def apply_(self, w: torch.Tensor, out_dim: int) -> torch.Tensor:
+        """In place: `w` edited (`out_dim`: its residual axis), computed in float32 on `w`'s device in blocks of
+        rows of at most `BLOCK_BYTES`, each cast to `w`'s dtype as it is written back. The blocks bound the
+        bake's extra memory to one block whatever the tensor (a 150k-token embedding is 545 MB in float32);
+        both bakes call this, so they write the same bits."""
+        wm = w.movedim(out_dim, -1)  # a view: (..., H)
+        if wm.dim() > 2:  # stacked experts: one expert at a time
+            scales = self.scales
+            for e in range(wm.shape[0]):
+                part = self if self.norm != "column" else replace(self, scales=scales.reshape(wm.shape[:-1])[e])
+                part.apply_(wm[e], -1)
+            return w
+        rows = max(1, BLOCK_BYTES // (4 * wm.shape[-1]))
+        for i in range(0, wm.shape[0] if wm.dim() == 2 else 1, rows):
+            block = wm[i:i + rows] if wm.dim() == 2 else wm
+            x = project(block.float(), self.basis.to(wm.device), self.weight)
+            if self.norm == "row":
+                x = x * self.scales.to(wm.device)
+            elif self.norm == "column" and wm.dim() == 2:  # a bias has no input features to scale
+                x = x * self.scales.to(wm.device).reshape(-1)[i:i + rows].unsqueeze(-1)
+            block.copy_(x)
+        return w
 
 
 def writer_edits(ablation: Ablation, layout: Layout, matrix=None) -> list[tuple[list[Writer], WriterEdit]]:
@@ -236,8 +256,7 @@ def apply_ablation_(model: nn.Module, ablation: Ablation, layout: Layout) -> lis
     edited = []
     for writers, edit in writer_edits(ablation, layout):
         for writer in writers:
-            w = writer.param.data
-            w.copy_(edit(w, writer.out_dim))
+            edit.apply_(writer.param.data, writer.out_dim)
             edited.append(writer.name)
     return edited
 

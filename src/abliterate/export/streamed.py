@@ -278,7 +278,8 @@ def save_streamed(skel: Skeleton, ablation: Ablation, out: str | Path, *, manife
                         w = _read(skel.ckpt, where, skel.dtype)
                         if writer is emb:
                             ready[head] = w  # the untied head keeps the embedding as it was
-                        edited = edit(w.to(skel.device), writer.out_dim).cpu()
+                        w = w.to(skel.device)  # edited in place, but for the untied head's original
+                        edited = (edit(w, writer.out_dim) if writer is emb else edit.apply_(w, writer.out_dim)).cpu()
                         ready.update(zip(where.names, edited.unbind(0) if where.stacked else [edited]))
                     tensors[name] = ready.pop(name) if name in ready else _cast(f.get_tensor(name), skel.dtype)
             if shard == head_shard:
