@@ -74,6 +74,24 @@ def last_logits(model, tokenizer, texts: list[str], batch_size: int) -> torch.Te
     return torch.stack(out)
 
 
+def sliding_window(model) -> int | None:
+    """The attention window of `model`'s sliding-window layers (Gemma 2/3, Mistral), or None when it has none.
+
+    A shared prefix's cache with each row's padding after it puts the padding inside the sequence, where a
+    sliding window counts it as tokens: `cached_logits` runs such rows whole (left-padded) once the padded
+    sequence is longer than the window. (`measure.decode.greedy` shares a prefix the same way; its prompts and
+    answers are far shorter than the real models' windows, 512 tokens and more, and it was left as it is.)"""
+    config = getattr(model, "config", None) or getattr(getattr(model, "model", None), "config", None)
+    if config is None:
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    return int(window) if types is None or "sliding_attention" in types else None
+
+
 @torch.inference_mode()
 def cached_logits(model, prefix: list[int], suffixes: list[list[int]], keep: int, pad_id: int,
                   batch_size: int) -> torch.Tensor:
@@ -89,8 +107,13 @@ def cached_logits(model, prefix: list[int], suffixes: list[list[int]], keep: int
         # logits_to_keep=1: the prefix's own logits are not used, and a full-vocabulary projection of a long prefix
         # (5 MMLU exemplars: ~700 tokens x 152k vocabulary on Qwen2.5) costs as much as a fifth of its forward pass
         cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1).past_key_values
+    window = sliding_window(model)
     for batch in id_batches(suffixes, pad_id, batch_size, device):
-        if cache is None:
+        if cache is not None and window is not None and len(prefix) + batch.input_ids.shape[1] > window:
+            whole = next(id_batches([prefix + suffixes[i] for i in batch.index], pad_id, len(batch.index), device))
+            logits = forward(model, whole, logits_to_keep=keep).logits
+            batch = Batch([batch.index[i] for i in whole.index], whole.input_ids, whole.attention_mask)
+        elif cache is None:
             logits = forward(model, batch, logits_to_keep=keep).logits
         else:
             n = len(batch.index)
