@@ -48,7 +48,8 @@ def run_child(argv: list[str]) -> dict:
                     max_memory=max_memory if stream else None)
     result = run(src, out, cfg)
     m = result.manifest["metrics"]
-    return {"stages_s": {k: round(v, 2) for k, v in result.timings.items()}, "layer": result.direction.layer,
+    return {"stages_s": {k: round(v, 2) for k, v in result.timings.items()}, "peak_rss_mb_after": result.peaks_mb,
+            "layer": result.direction.layer,
             "paths": result.paths, "metrics": {side: m[side] for side in ("before", "after")}}
 
 

@@ -7,6 +7,7 @@ in-memory one (within 1e-6), for an original read from its shards and an edited 
 budget too small for the key/value cache stops with the smallest budget that works.
 """
 
+import contextlib
 import json
 import math
 
@@ -78,6 +79,29 @@ def test_streamed_kl_is_the_in_memory_kl(arch, sharded, tokenizer):
     assert (streamed - memory).abs().max().item() <= 1e-6
 
 
+@pytest.mark.parametrize("arch,protocol,shots", [("llama", "letter", 2), ("qwen2", "cloze", 0),
+                                                 ("gemma3_text", "cloze", 1)])
+def test_streamed_capability_is_the_in_memory_capability(arch, protocol, shots, sharded, tokenizer):
+    """Every question's choices whole in one streamed pass score as `score` does with its prefix cache: the same
+    choices, log-likelihoods within 1e-4, under an ablation's hooks too."""
+    from abliterate.measure import capability
+
+    model, path = sharded(arch)
+    items, dev = capability.quick_items()  # one subject's (the fast tier's autouse fixture)
+    sm = StreamedModel(open_skeleton(path, RunConfig()), batch_size=3)
+    hidden = model.config.get_text_config().hidden_size
+    d = Direction(torch.nn.functional.normalize(torch.randn(hidden, generator=torch.Generator().manual_seed(2)),
+                                                dim=0), layer=1)
+    for edit in (False, True):
+        with ablated(model, d) if edit else contextlib.nullcontext(), \
+                ablated(sm.model, d) if edit else contextlib.nullcontext():
+            memory = capability.score(model, tokenizer, items, shots=shots, dev_items=dev, protocol=protocol)
+            streamed = capability.score_streamed(sm, tokenizer, items, shots=shots, dev_items=dev, protocol=protocol)
+        assert streamed.predicted == memory.predicted
+        assert max(abs(a - b) for x, y in zip(streamed.logprobs, memory.logprobs) for a, b in zip(x, y)) <= 1e-4
+        assert len({round(lp, 3) for row in memory.logprobs for lp in row}) > len(items)  # the choices differ
+
+
 def _tensors(path):
     out = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -89,20 +113,23 @@ def _tensors(path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
 def test_run_stream_is_the_in_memory_run(arch, capsys, caplog, tmp_path, sharded):
     """run --stream never loads the model: the same chosen layer, the same figures before and after (counts, KL),
-    the same answers, and the in-memory run's baked tensors bit for bit. Capability is not measured, and the
-    output, the report and stdout say so."""
+    the same answers, the same capability answers (the quick check's items of one subject, each model), and the in-memory run's
+    baked tensors bit for bit."""
     _, src = sharded(arch)
-    code, _, err = run_cli(capsys, "run", src, "-o", tmp_path / "memory", *FAST, "--capability", "none")
+    code, _, err = run_cli(capsys, "run", src, "-o", tmp_path / "memory", *FAST)
     assert code == 0, err
     code, out, err = run_cli(capsys, "run", src, "-o", tmp_path / "stream", *FAST, "--stream")
     assert code == 0, err
     for line in ("activations and selection: streamed", "evaluate original: streamed",
-                 "orthogonalize and save: streamed, shard by shard", "evaluate edited: streamed", "capability: skipped"):
+                 "orthogonalize and save: streamed, shard by shard", "evaluate edited: streamed",
+                 "capability: streamed"):
         assert line in caplog.text, line
-    assert "capability: not measured" in out and "how each stage ran:" in out
+    assert "how each stage ran:" in out
     ma, mb = (json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("memory", "stream"))
-    assert mb["capability"]["skipped"] and "capability" not in ma
-    assert "capability" in (tmp_path / "stream" / "report.html").read_text()
+    ca, cb = ({k: v for k, v in m["capability"].items() if not k.startswith("seconds")} for m in (ma, mb))
+    assert ca == cb and ca["n"] >= 2, (ca, cb)  # accuracies, items lost and gained, intervals: all equal
+    assert f"capability ({ca['n']} items)" in out
+    assert "What it cost" in (tmp_path / "stream" / "report.html").read_text()
     assert ma["direction"]["layer"] == mb["direction"]["layer"]
     for side in ("before", "after"):
         a, b = ma["metrics"][side], mb["metrics"][side]

@@ -76,6 +76,7 @@ from .steps import (
     bake,
     candidates_from,
     capability_items,
+    capability_longest,
     capability_record,
     chat_format,
     checked_splits,
@@ -88,6 +89,7 @@ from .steps import (
     long_prompts,
     open_streamed,
     run_capability,
+    run_capability_streamed,
     run_eval,
     run_harness,
     run_judge,
@@ -116,7 +118,7 @@ class RunResult:
     long: long.LongEffects | None = None  # with --long-tokens
     judge: JudgeResult | None = None  # with --judge
     paths: dict[str, str] | None = None  # streamed: how each stage ran (streamed, shard by shard, skipped)
-    capability_skipped: str | None = None  # why --capability was not measured (streamed)
+    peaks_mb: dict[str, float] | None = None  # the process's peak resident set when each stage ended (Timer)
 
 
 def side_by_side(before: Evaluation, after: Evaluation, long_answers: long.LongEffects | None = None) -> dict:
@@ -300,12 +302,7 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
             saved = save_model(loaded, out, manifest=manifest, extra=extra, shard_size=cfg.shard_size,
                                force=cfg.force)
     return RunResult(direction, before, after, selection, saved, timer.stages, manifest, report, searched, retention,
-                     overlap, long_effects, judged)
-
-
-CAPABILITY_SKIPPED = ("the multiple-choice check runs each question's choices on a key/value cache of the question "
-                      "(measure.capability), which the streamed forward does not run, and streaming it as it is would "
-                      "read every block once per question")
+                     overlap, long_effects, judged, peaks_mb=timer.peaks_mb)
 
 
 def run_streamed(sm, source: str, out: str | Path | None, cfg: RunConfig, timer: Timer, sp: Splits, split_rec,
@@ -341,6 +338,8 @@ def run_streamed(sm, source: str, out: str | Path | None, cfg: RunConfig, timer:
     longest = max(map(len, tok(texts, add_special_tokens=False).input_ids))
     sm.check_generation(longest, max(cfg.max_new_tokens, cfg.kl_tokens))  # before any block is read
     sm.check_budget(longest + cfg.kl_tokens)
+    if cap:
+        sm.check_budget(capability_longest(tok, cap))
     with timer("load"):  # the skeleton: config, headers, 1-D tensors
         sk_loaded = sm.loaded
     stage("activations and selection", "streamed, one block at a time")
@@ -348,10 +347,11 @@ def run_streamed(sm, source: str, out: str | Path | None, cfg: RunConfig, timer:
     stage("evaluate original", f"streamed, one block at a time, from {source}")
     with timer("evaluate original"):
         before = run_eval(sk_loaded, cfg, eval_harmful, eval_harmless, model=sm)
-    skipped = None
+    cap_before = cap_after = retention = None
     if cap:
-        skipped = CAPABILITY_SKIPPED
-        stage("capability", f"skipped ({skipped}); --capability none leaves it out")
+        stage("capability", "streamed, one block at a time: every question's choices in one pass, each model")
+        with timer("evaluate original"):
+            cap_before = run_capability_streamed(sm, cfg, cap)
     ablation = plain(direction, sm.layout.n_layers)
     edited = edited_names(ablation, sm.layout)
     stage("orthogonalize and save", "streamed, shard by shard" + ("" if out is not None else
@@ -363,12 +363,17 @@ def run_streamed(sm, source: str, out: str | Path | None, cfg: RunConfig, timer:
     def evaluate_written(tmp: Path) -> None:
         """In the output's temporary directory, the weights written: the edited model's evaluation, the manifest
         and the files beside it."""
+        nonlocal cap_after, retention
         timer.stages["orthogonalize"] = time.perf_counter() - start
+        timer.peak("orthogonalize")
         stage("evaluate edited", "streamed, one block at a time, from the shards just written")
         with timer("evaluate edited"):
             edited_sm = StreamedModel(open_skeleton(tmp, cfg), max_memory=sm.max_memory, batch_size=cfg.batch_size,
                                       n_logits=sm.n_logits, source=str(tmp))
             after = run_eval(sk_loaded, cfg, eval_harmful, eval_harmless, reference=before, model=edited_sm)
+            if cap:
+                cap_after = run_capability_streamed(edited_sm, cfg, cap)
+                retention = compare(cap_before, cap_after)
         judged = None
         if judge is not None:
             with timer("judge"):
@@ -376,15 +381,14 @@ def run_streamed(sm, source: str, out: str | Path | None, cfg: RunConfig, timer:
         manifest = manifest_for(sk_loaded, cfg, direction, selection, before, after, edited, dict(timer.stages),
                                 split_rec.to_dict(overlap))
         manifest["paths"] = dict(paths)
-        if skipped:
-            manifest["capability"] = {"skipped": skipped}
+        if retention is not None:
+            manifest["capability"] = {**capability_record(cap, cap_before), **retention.to_dict()}
         if judged is not None:
             manifest["metrics"]["judge"] = judged.to_dict()
         facts = {"how each stage ran": "; ".join(f"{k}: {v}" for k, v in paths.items())}
-        if skipped:
-            facts["capability"] = f"not measured: {skipped}"
         report = run_report(source, direction, before, after, selection, timer.stages, note=overlap.note(),
-                            judge=judged, facts=facts)
+                            judge=judged, facts=facts,
+                            capability=(retention, cap_before, cap_after) if cap else None)
         direction.save(tmp / DIRECTION, cands)
         (tmp / METRICS).write_text(to_json(manifest["metrics"]))
         (tmp / GENERATIONS).write_text(to_json(side_by_side(before, after)))
@@ -401,7 +405,7 @@ def run_streamed(sm, source: str, out: str | Path | None, cfg: RunConfig, timer:
     timer.stages["save"] = time.perf_counter() - start - timer.stages["orthogonalize"] - \
         timer.stages["evaluate edited"] - timer.stages.get("judge", 0.0)
     return RunResult(direction, before, result["after"], selection, saved, timer.stages, info, result["report"],
-                     judge=result["judged"], paths=paths, capability_skipped=skipped)
+                     capability=retention, judge=result["judged"], paths=paths, peaks_mb=timer.peaks_mb)
 
 
 def cmd_run(args) -> int:
@@ -419,8 +423,6 @@ def cmd_run(args) -> int:
                         result.overlap.note() if result.overlap else None))
     if result.capability:
         print(capability_table(result.capability))
-    if result.capability_skipped:
-        print(f"capability: not measured ({result.capability_skipped}); pass --capability none to leave it out")
     if "lm_eval" in result.manifest:
         print(harness.table(result.manifest["lm_eval"]))
     if result.long:

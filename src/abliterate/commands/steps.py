@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+import resource
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,9 +39,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Timer:
-    """Wall time per named stage; `with timer("selection"): ...` adds to that stage."""
+    """Wall time per named stage; `with timer("selection"): ...` adds to that stage. `peaks_mb`: the process's
+    peak resident set (MB) when each stage ended; it only grows, so the first stage that raises it is the one
+    that set it (`benchmarks/bench_stream.py` reads it)."""
 
     stages: dict[str, float] = field(default_factory=dict)
+    peaks_mb: dict[str, float] = field(default_factory=dict)
+
+    def peak(self, name: str) -> None:
+        """Record the peak resident set now, for `name`."""
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+        self.peaks_mb[name] = round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
     @contextmanager
     def __call__(self, name: str):
@@ -49,6 +59,7 @@ class Timer:
             yield
         finally:
             self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
+            self.peak(name)
 
 
 def load(source: str, cfg: RunConfig) -> tuple[Loaded, Layout]:
@@ -292,6 +303,19 @@ def capability_record(cap: CapabilityItems, scores: Scores) -> dict:
 def run_capability(loaded: Loaded, cfg: RunConfig, cap: CapabilityItems) -> Scores:
     return capability.score(loaded.model, loaded.tokenizer, cap.items, shots=cap.shots, dev_items=cap.dev,
                             batch_size=cfg.batch_size, desc="capability", protocol=cap.protocol)
+
+
+def run_capability_streamed(sm, cfg: RunConfig, cap: CapabilityItems) -> Scores:
+    """`run_capability` on a `model.streamed.StreamedModel`: every question's choices in one streamed pass."""
+    return capability.score_streamed(sm, sm.tokenizer, cap.items, shots=cap.shots, dev_items=cap.dev,
+                                     protocol=cap.protocol, batch_size=cfg.batch_size)
+
+
+def capability_longest(tokenizer, cap: CapabilityItems) -> int:
+    """The longest sequence `run_capability_streamed` runs (for the budget check before any block is read)."""
+    seqs, _ = capability.choice_sequences(tokenizer, cap.items, shots=cap.shots, dev_items=cap.dev,
+                                          protocol=cap.protocol)
+    return max(map(len, seqs))
 
 
 def harness_tasks(cfg: RunConfig) -> harness.Tasks | None:

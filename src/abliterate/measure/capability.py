@@ -339,6 +339,60 @@ def score(model, tokenizer, items: list[Item], *, shots: int = 5, dev_items: lis
     return Scores(list(items), predicted, logprobs, shots, tokens, time.perf_counter() - t0)
 
 
+def choice_sequences(tokenizer, items: list[Item], *, shots: int = 5, dev_items: list[Item] | None = None,
+                     protocol: str = "letter") -> tuple[list[list[int]], dict[int, list[tuple[int, int, list[int]]]]]:
+    """Every (item, choice) as one whole sequence, prefix included, tokenized as `score` tokenizes it (cloze: prefix
+    and question together; letter: apart): the distinct sequences, and per sequence the (item, choice,
+    continuation ids) it scores. One-token letters (" A".." D") make an item's sequences coincide: run once."""
+    if protocol not in PROTOCOLS:
+        raise AbliterateError(f"capability protocol {protocol!r} is not one of: {', '.join(PROTOCOLS)}")
+    if shots and dev_items is None:
+        raise AbliterateError(f"{shots}-shot scoring needs exemplars: pass dev_items (e.g. mmlu_dev.jsonl) or shots=0")
+    dev: dict[str, list[Item]] = defaultdict(list)
+    for it in dev_items or []:
+        dev[it.subject].append(it)
+
+    def enc(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    seqs: dict[tuple, int] = {}
+    where: dict[int, list] = defaultdict(list)
+    for i, it in enumerate(items):
+        if len(dev[it.subject]) < shots:
+            raise AbliterateError(f"subject {it.subject!r} has {len(dev[it.subject])} exemplars in dev_items, {shots} "
+                                  f"needed; pass dev items of that subject or lower shots")
+        prefix_str = _bos(tokenizer) + prefix_text(it.subject, dev[it.subject][:shots], protocol)
+        q = enc(prefix_str + question_text(it, protocol)) if protocol == "cloze" else \
+            enc(prefix_str) + enc(question_text(it))
+        for j, c in enumerate(enc(c) for c in continuations(it, protocol)):
+            where[seqs.setdefault(tuple(q + c[:-1]), len(seqs))].append((i, j, c))
+    return [list(q) for q in seqs], dict(where)
+
+
+def score_streamed(streamed, tokenizer, items: list[Item], *, shots: int = 5, dev_items: list[Item] | None = None,
+                   protocol: str = "letter", batch_size: int | None = None, desc: str = "capability") -> Scores:
+    """`score` on a `model.streamed.StreamedModel`: the same questions, tokens and choice rule, every
+    `choice_sequences` sequence run whole in one streamed pass (`forced_logits`), so every block is read once for
+    all of them, not once per question. `score`'s prefix cache saves compute only: its logits are the whole
+    sequence's, to rounding; here the shared prefix runs once per sequence."""
+    t0 = time.perf_counter()
+    seqs, where = choice_sequences(tokenizer, items, shots=shots, dev_items=dev_items, protocol=protocol)
+    keep = max(len(c) for scored in where.values() for _, _, c in scored)
+    logprobs = [[0.0] * len(it.choices) for it in items]
+    for index, logits in streamed.forced_logits(seqs, keep, desc=desc, batch_size=batch_size):
+        logp = torch.log_softmax(logits.double(), -1)  # (b, keep, V)
+        for row, k in enumerate(index):
+            for i, j, c in where[k]:
+                rows = logp[row, keep - len(c):]  # the positions that predict each continuation token
+                logprobs[i][j] = float(rows[torch.arange(len(c)), torch.tensor(c)].sum())
+    predicted = []
+    for it, lps in zip(items, logprobs):
+        if protocol == "cloze":  # acc_norm: per byte of the choice's text
+            lps = [lp / max(1, len(t.encode())) for lp, t in zip(lps, continuations(it, protocol))]
+        predicted.append(max(range(len(lps)), key=lps.__getitem__))
+    return Scores(list(items), predicted, logprobs, shots, sum(map(len, seqs)), time.perf_counter() - t0)
+
+
 @dataclass
 class Retention:
     """Original vs edited on the same items: accuracies, retention (after / before) and the paired change."""
