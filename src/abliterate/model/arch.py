@@ -207,6 +207,23 @@ def text_config(model: nn.Module):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def sliding_window(model) -> int | None:
+    """The attention window of `model`'s sliding-window layers (Gemma 2/3, Mistral), or None when it has none.
+
+    A shared prefix's cache with each row's padding after it puts the padding inside the sequence, where a
+    sliding window counts it as tokens: `cached_logits` runs such rows whole (left-padded) once the padded
+    sequence is longer than the window. (`measure.decode.greedy` shares a prefix the same way; its prompts and
+    answers are far shorter than the real models' windows, 512 tokens and more, and it was left as it is.)"""
+    if getattr(model, "config", None) is None:
+        return None
+    config = text_config(model)
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    return int(window) if types is None or "sliding_attention" in types else None
+
+
 def spec_for(model: nn.Module, spec: ArchSpec | None = None) -> ArchSpec:
     if spec is not None:
         return spec

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .arch import sliding_window
+
 
 def first_param(model: nn.Module) -> nn.Parameter:
     """A parameter of `model`: where it lives (`.device`) and the dtype it computes in (`.dtype`). A streamed
@@ -72,24 +74,6 @@ def last_logits(model, tokenizer, texts: list[str], batch_size: int) -> torch.Te
         for row, i in enumerate(batch.index):
             out[i] = logits[row]
     return torch.stack(out)
-
-
-def sliding_window(model) -> int | None:
-    """The attention window of `model`'s sliding-window layers (Gemma 2/3, Mistral), or None when it has none.
-
-    A shared prefix's cache with each row's padding after it puts the padding inside the sequence, where a
-    sliding window counts it as tokens: `cached_logits` runs such rows whole (left-padded) once the padded
-    sequence is longer than the window. (`measure.decode.greedy` shares a prefix the same way; its prompts and
-    answers are far shorter than the real models' windows, 512 tokens and more, and it was left as it is.)"""
-    config = getattr(model, "config", None) or getattr(getattr(model, "model", None), "config", None)
-    if config is None:
-        return None
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:
-        return None
-    types = getattr(config, "layer_types", None)
-    return int(window) if types is None or "sliding_attention" in types else None
 
 
 @torch.inference_mode()
