@@ -77,8 +77,9 @@ def test_gguf_to_gguf_on_smollm2(tmp_path):
 
     src = reference.fetch(reference.SMOLLM2_135M)
     out = tmp_path / "smol-abliterated.gguf"
-    cfg = RunConfig(n_train=32, n_select=8, n_eval_harmful=8, n_eval_harmless=8, max_new_tokens=8, kl_tokens=4)
-    result = run(str(src), out, cfg)
+    cfg = RunConfig(n_train=32, n_select=8, n_eval_harmful=8, n_eval_harmless=8, max_new_tokens=8, kl_tokens=4,
+                    capability="none")  # the 114-item check on both models was most of this test's 6 minutes in CI;
+    result = run(str(src), out, cfg)  # the demo runs it on the reference model
     g = result.manifest["gguf"]
     assert len(g["edited"]) == 1 + 2 * 30 and g["added"] == ["output.weight"]
     assert set(g["edited"].values()) == {"Q8_0", "Q4_1"}

@@ -5,6 +5,8 @@ harmful requests). Evaluation uses the project's shared held-out prompts.
 """
 
 import contextlib
+import copy
+import dataclasses
 import io
 import json
 import os
@@ -42,6 +44,20 @@ def qwen_dir():
 @pytest.fixture(scope="module")
 def smollm_gguf():
     return reference.fetch(reference.SMOLLM2_135M)
+
+
+@pytest.fixture(scope="module")
+def packaged_model():
+    """`packaged_model("GEMMA3_270M")`: a packaged GGUF loaded once for the module (dequantized: the Gemma 3 load
+    alone takes about a minute here). Tests that edit it work on a `copy.deepcopy`."""
+    cache = {}
+
+    def get(which: str) -> Loaded:
+        if which not in cache:
+            cache[which] = load_model(reference.fetch(getattr(reference, which)))
+        return cache[which]
+    yield get
+    cache.clear()
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +162,9 @@ def test_gguf_model_runs_the_pipeline_and_saves(smollm_gguf, tmp_path):
 
 
 @torch.no_grad()
-def test_hooks_equal_baked_on_a_real_model(smollm_gguf):
-    loaded = load_model(smollm_gguf)
-    model, tok = loaded.model, loaded.tokenizer
+def test_hooks_equal_baked_on_a_real_model(packaged_model):
+    loaded = packaged_model("SMOLLM2_135M")
+    model, tok = copy.deepcopy(loaded.model), loaded.tokenizer
     layout = resolve(model)
     g = torch.Generator().manual_seed(0)
     v = torch.randn(layout.hidden_size, generator=g)
@@ -161,12 +177,13 @@ def test_hooks_equal_baked_on_a_real_model(smollm_gguf):
 
 
 @torch.no_grad()
-def test_gemma3_gguf_post_norm_edits_leave_nothing_in_the_stream():
+def test_gemma3_gguf_post_norm_edits_leave_nothing_in_the_stream(packaged_model):
     """Gemma 3 270M (real norms, GGUF Q4_K_M): hooks and baked weights each zero the stream's component."""
     from abliterate import AbliterateError, ChatFormat
     from abliterate.edit.project import residual_component
 
-    loaded = load_model(reference.fetch(reference.GEMMA3_270M))
+    shared = packaged_model("GEMMA3_270M")
+    loaded = dataclasses.replace(shared, model=copy.deepcopy(shared.model))
     layout = resolve(loaded.model)
     assert layout.blocks[0].attn_scale is not None and layout.n_layers == 18
     g = torch.Generator().manual_seed(0)
@@ -198,10 +215,11 @@ def test_induced_model_refuses_harmless_prompts_coherently(qwen_dir, shared_prom
     cfg = RunConfig(harmful=str(shared_prompts / "harmful_train.json"),
                     harmless=str(shared_prompts / "harmless_train.json"),
                     eval_harmless=str(shared_prompts / "harmless_val.json"), n_eval_harmless=32)
-    # The search narrowed to the eleven layers around 60% of depth (the full default search, 15 settings, runs on
-    # tiny models). Measured with these settings: a total of 4 refused 31/32 search prompts at a coherence loss of
-    # 0.39 nats per token and was chosen; 5 lost 1.79 (incoherent) and ended the set; 31/32 held-out refused.
-    result = induce(str(qwen_dir), tmp_path / "refuser", cfg, InduceOptions(layers="9-19", strengths="3,4,5"))
+    # The search narrowed to the eleven layers around 60% of depth and the total it chose there (the full default
+    # search, 15 settings, runs on tiny models; CI paid 2 more trials for 3 and 5). Measured with layers 9-19 and
+    # totals 3, 4, 5: a total of 4 refused 31/32 search prompts at a coherence loss of 0.39 nats per token and was
+    # chosen; 5 lost 1.79 (incoherent) and ended the set; 31/32 held-out refused.
+    result = induce(str(qwen_dir), tmp_path / "refuser", cfg, InduceOptions(layers="9-19", strengths="4"))
     o, i = result.original, result.induced
     assert len(i.answers) == 32
     assert o.rate <= 0.2 and i.rate >= INDUCE_MIN_RATE, (o.rate, i.rate)
@@ -423,7 +441,8 @@ def test_lora_gguf_in_llama_cpp_matches_the_hf_edit(llama_cpp, demo, qwen_dir, s
 
 
 @pytest.mark.parametrize("which", ["qwen", "SMOLLM2_135M", "GEMMA3_270M"])
-def test_hf_model_written_as_gguf_answers_in_llama_cpp_as_in_transformers(llama_cpp, which, qwen_dir, tmp_path):
+def test_hf_model_written_as_gguf_answers_in_llama_cpp_as_in_transformers(llama_cpp, which, qwen_dir, tmp_path,
+                                                                          packaged_model):
     """HF -> GGUF (F16) for Qwen2 (a real HF directory, through `convert`), Llama and Gemma 3: llama.cpp
     tokenizes every prompt as transformers does and gives the same greedy answers."""
     import gguf
@@ -446,7 +465,7 @@ def test_hf_model_written_as_gguf_answers_in_llama_cpp_as_in_transformers(llama_
                     "tokenizer.chat_template", "qwen2.rope.freq_base", "qwen2.attention.head_count_kv"):
             assert ours[key].contents() == theirs[key].contents(), key
     else:
-        loaded = load_model(reference.fetch(getattr(reference, which)))
+        loaded = packaged_model(which)
         write_gguf(loaded.model, loaded.tokenizer, dst, qtype="F16")
     tok = loaded.tokenizer
     prompts = list(load_prompts("builtin:harmless:test").prompts[:4]) + list(load_prompts("builtin:harmful:test")
