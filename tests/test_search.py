@@ -256,6 +256,14 @@ def test_run_search_then_apply_manifest_is_bit_exact(capsys, tmp_path, model_dir
     chosen = manifest["search"]["chosen"]
     assert chosen["chosen"] and set(chosen["params"]) >= {"direction", "norm", "k", "attn_peak", "embed"}
     assert (tmp_path / "searched.study").exists()  # the study lives next to the output
+    # every finalist answered the capability items under its hooks, by run's code: the chosen one scores what
+    # the baked model scores, against the original's one measurement
+    assert "capability (95% CI)" in text
+    cap = manifest["capability"]
+    for f in manifest["search"]["finalists"]:
+        assert f["capability"]["accuracy_before"] == cap["accuracy_before"] and f["capability"]["n"] == cap["n"]
+        assert set(f["capability"]) >= {"retention", "retention_ci95", "difference_ci95", "mcnemar_p"}
+    assert chosen["capability"]["accuracy_after"] == cap["accuracy_after"]
     again = tmp_path / "again"
     code, text, err = run_cli(capsys, "apply", model_dirs["llama"], "--manifest", out / "manifest.json", "-o", again)
     assert code == 0, err
@@ -348,7 +356,10 @@ def test_search_on_the_evaluation_prompts(model_dirs):
     assert splits["select"]["by"] == "--search-on eval" and splits["select"]["harmful"]["source"] == cfg.eval_harmful
     assert (splits["overlap"], splits["overlap_with"]["fit"]) == (11, 0)
     assert splits["overlap_allowed_by"] == "--search-on eval"
-    held = run(model_dirs["llama"], None, replace(cfg, search_on="held-out", n_search=3))
+    assert r.search.capability_before is not None and r.search.chosen.capability is not None
+    assert r.search.chosen.capability["accuracy_before"]["count"] == r.capability.before.count
+    held = run(model_dirs["llama"], None, replace(cfg, search_on="held-out", n_search=3, capability="none"))
+    assert all(t.capability is None for t in held.search.finalists) and held.search.capability_before is None
     assert (held.search.n_harmful, held.search.n_harmless) == (3, 3)
     splits = held.manifest["splits"]
     assert (splits["select"]["by"], splits["select"]["harmful"]["n"]) == ("--n-search", 3)

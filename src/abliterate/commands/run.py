@@ -193,17 +193,19 @@ def search_setup(loaded: Loaded, cfg: RunConfig, timer: Timer, sp: Splits) -> Se
     return SearchSetup(cands, source, probe, options, fingerprint)
 
 
-def search_edit(loaded: Loaded, layout: Layout, cfg: RunConfig, timer: Timer, out: str | Path | None, sp: Splits
-                ) -> tuple[Direction, Candidates, SearchResult]:
-    """Steps 2-5 and the edit's parameters, by search: held-out prompts score every trial."""
+def search_edit(loaded: Loaded, layout: Layout, cfg: RunConfig, timer: Timer, out: str | Path | None, sp: Splits,
+                cap=None) -> tuple[Direction, Candidates, SearchResult]:
+    """Steps 2-5 and the edit's parameters, by search: held-out prompts score every trial. With `cap` (the
+    --capability items) every finalist also answers them under its hooks (`run_search`'s capability)."""
     setup = search_setup(loaded, cfg, timer, sp)
+    scorer = (lambda: run_capability(loaded, cfg, cap)) if cap else None
     cands = setup.cands
     with timer("search"):
         result = run_search(
             loaded.model, layout, setup.source, setup.probe, trials=cfg.trials, time_budget=cfg.time_budget,
             options=setup.options, finalists=cfg.finalists, slack=cfg.slack, max_kl=cfg.max_kl,
             study_path=study_path(cfg, out), fingerprint=setup.fingerprint, seed=cfg.seed,
-            max_new_tokens=cfg.max_new_tokens, **pick_from(cfg),
+            max_new_tokens=cfg.max_new_tokens, capability=scorer, **pick_from(cfg),
         )
     p = result.chosen.params
     direction = cands.direction(min(round(p["direction"]), cands.n_layers - 1), int(p.get("position", -1)),
@@ -247,12 +249,13 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     if out is not None:
         check_loaded_output(out, loaded, cfg.force)
     if cfg.search:
-        direction, cands, searched = search_edit(loaded, layout, cfg, timer, out, sp)
+        direction, cands, searched = search_edit(loaded, layout, cfg, timer, out, sp, cap)
     else:
         direction, cands, selection = find_direction(loaded, layout, cfg, timer, sp)
     with timer("evaluate original"):
         before = run_eval(loaded, cfg, eval_harmful, eval_harmless)
-        cap_before = run_capability(loaded, cfg, cap) if cap else None
+        cap_before = (searched.capability_before if searched and searched.capability_before is not None
+                      else run_capability(loaded, cfg, cap) if cap else None)  # a search scored it for its finalists
         tasks_before = run_harness(loaded, cfg, tasks) if tasks else None
         long_before = run_long(loaded, cfg, long_sets) if long_sets else None
     with timer("orthogonalize"):

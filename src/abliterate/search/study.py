@@ -17,13 +17,17 @@ on Qwen2.5 that is 25 of 41 tokens, and trials cost 2.5 times less.
 Optuna's multi-objective TPE proposes trials; the study lives in a journal file, so a killed
 search resumes where it stopped. The Pareto front's most effective points (the finalists)
 are re-checked by longer generation, and the choice is the lowest KL whose counted refusals
-are within `slack` of the best finalist's, or the trial the user picks.
+are within `slack` of the best finalist's, or the trial the user picks. With a capability
+scorer (`run --search`'s `--capability`), each finalist also answers the capability items
+under its hooks, by the code `run` and `eval` use (`measure.capability`), and records its
+accuracy and retention against the original's with their intervals: shown, not used to choose.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..edit.weighted import Ablation, ablating
 from ..errors import AbliterateError
+from ..measure.capability import Scores, compare
 from ..measure.decode import greedy
 from ..measure.refusal import is_refusal
 from ..model.arch import Layout
@@ -58,6 +63,7 @@ class TrialResult:
     kl_steps: float
     refusals: int | None = None  # counted in full generations (finalists only)
     chosen: bool = False
+    capability: dict | None = None  # finalists, with a capability scorer: `finalist_capability`
 
 
 @dataclass
@@ -73,6 +79,7 @@ class SearchResult:
     study: str | None
     wall_s: float
     rule: str = ""
+    capability_before: Scores | None = None  # the original's, when the finalists were scored
 
     @property
     def ablation(self) -> Ablation:
@@ -106,6 +113,16 @@ def choose(finalists: list[TrialResult], slack: int, max_kl: float | None) -> tu
                   + (f" and KL <= {max_kl}" if max_kl is not None else ""))
 
 
+def finalist_capability(before: Scores, after: Scores) -> dict:
+    """A finalist's capability against the original's on the same items: both accuracies, retention and the
+    paired change, each with its 95% interval (`Retention.to_dict`, without the per-item lists)."""
+    r = compare(before, after)
+    keep = ("n", "accuracy_before", "accuracy_after", "retention", "retention_ci95", "chance", "resolves",
+            "lost", "gained", "difference", "difference_ci95", "mcnemar_p", "significant")
+    d = r.to_dict(indices=False)
+    return {k: d[k] for k in keep if k in d}
+
+
 STUDY_NAME = "abliterate-search"  # one study per journal file
 
 
@@ -118,13 +135,16 @@ def run_search(model, layout: Layout, source: DirectionSource, probe: Probe, *, 
                time_budget: float | None, options: tuple[str, ...], finalists: int,
                slack: int, max_kl: float | None, study_path: str | Path | None = None,
                fingerprint: str = "", seed: int, max_new_tokens: int, stop_after: int | None = None,
-               pick: int | None = None, ask=None) -> SearchResult:
+               pick: int | None = None, ask=None, capability: Callable[[], Scores] | None = None,
+               capability_before: Scores | None = None) -> SearchResult:
     """Run (or resume) the study until `trials` are complete or `time_budget` seconds pass, then choose.
 
     The choice is the rule's (`choose`) unless the user names a trial: `pick` (any completed trial's
     number), or `ask(front, default) -> number` (e.g. `ask_terminal`). A picked trial that is not a
     finalist has its refusals counted like one.
     stop_after: stop (as if killed) after this many new trials; for tests of resuming.
+    capability: scores the model as it is (hooks on) on the capability items; each finalist then records
+    `finalist_capability(capability_before, ...)` (`capability_before`: the original's; scored here if None).
     """
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -191,7 +211,13 @@ def run_search(model, layout: Layout, source: DirectionSource, probe: Probe, *, 
         with ablating(model, ablations[t.number], layout):
             answers = greedy(model, probe.prefix, probe.harmful, max_new_tokens=max_new_tokens, pad_id=probe.pad_id,
                              eos=probe.eos, batch_size=probe.batch_size).ids
+            scores = capability() if capability is not None else None
         t.refusals = sum(is_refusal(probe.decode(a, skip_special_tokens=True).strip()) for a in answers)
+        if scores is not None:
+            t.capability = finalist_capability(capability_before, scores)
+
+    if capability is not None and capability_before is None:
+        capability_before = capability()  # the original: no hooks yet
 
     for t in tqdm(picks, desc="finalists", leave=False, unit="trial"):
         check(t)
@@ -205,7 +231,7 @@ def run_search(model, layout: Layout, source: DirectionSource, probe: Probe, *, 
     chosen.chosen = True
     return SearchResult(chosen, ablations, results, front, picks, probe.baseline_refusals, len(probe.harmful),
                         len(probe.harmless), str(study_path) if study_path else None, time.perf_counter() - start,
-                        rule)
+                        rule, capability_before)
 
 
 def completed_trials(study) -> list[TrialResult]:

@@ -31,13 +31,31 @@ def describe(p: dict) -> str:
 def front_table(front: list[TrialResult]) -> str:
     """The Pareto front as text: refusals in the trials' short answers (plus the refusal-opening probability, a
     tie-break), refusals counted in full answers (finalists), first-token KL and KL over the first tokens."""
-    lines = [f"{'trial':>5} {'refusals~':>10} {'counted':>8} {'kl':>8} {'kl@4':>8}  edit"]
+    capability = any(t.capability for t in front)
+    lines = [f"{'trial':>5} {'refusals~':>10} {'counted':>8} {'kl':>8} {'kl@4':>8}"
+             + (f" {'capability (95% CI)':>22}" if capability else "") + "  edit"]
     for t in front:
         counted = str(t.refusals) if t.refusals is not None else "-"
         mark = "  <- chosen" if t.chosen else ""
-        lines.append(f"{t.number:5d} {t.refusals_est:10.2f} {counted:>8} {t.kl:8.4f} {t.kl_steps:8.4f}  "
+        cap = f" {capability_cell(t.capability):>22}" if capability else ""
+        lines.append(f"{t.number:5d} {t.refusals_est:10.2f} {counted:>8} {t.kl:8.4f} {t.kl_steps:8.4f}{cap}  "
                      f"{describe(t.params)}{mark}")
+    if capability:
+        first = next(t.capability for t in front if t.capability)
+        before = first["accuracy_before"]
+        lines.append(f"capability: correct/n of each finalist by hooks, with its Wilson interval; the original "
+                     f"{before['count']}/{before['n']}" + ("" if first["resolves"] else
+                                                          " (chance is inside its interval: no loss can show)"))
     return "\n".join(lines)
+
+
+def capability_cell(c: dict | None) -> str:
+    """`k/n (lo-hi%)` of a finalist's capability, '-' for a trial that was not a finalist."""
+    if not c:
+        return "-"
+    a = c["accuracy_after"]
+    lo, hi = a["ci95"]
+    return f"{a['count']}/{a['n']} ({100 * lo:.0f}-{100 * hi:.0f}%)"
 
 
 def ask_terminal(front: list[TrialResult], default: TrialResult) -> int:
