@@ -354,18 +354,24 @@ def test_reference_gguf_to_gguf_keeps_types_and_bytes(qwen_gguf_abliterated):
     assert_edited_copy(src, dst, edited)
 
 
-def test_reference_gguf_refusals_drop_in_llama_cpp(qwen_gguf_abliterated, demo, shared_prompts, tmp_path):
-    """In llama.cpp: refusals on 20 harmful_val prompts drop by the HF path's margin (within 3), first-token
-    KL <= 0.25 on 8 harmless ones."""
+@pytest.fixture(scope="module")
+def reference_gguf_verified(qwen_gguf_abliterated, shared_prompts, tmp_path_factory):
+    """verify-gguf of the abliterated reference GGUF against the original, in llama.cpp: 20 harmful_val prompts
+    and 8 harmless ones. Its `before` (the original GGUF in llama.cpp) also serves the control-vector test."""
     src, dst = qwen_gguf_abliterated
-    out, _ = demo
-    js = tmp_path / "verify.json"
+    js = tmp_path_factory.mktemp("verify") / "verify.json"
     code = main(["-q", "verify-gguf", str(dst), "--original", str(src), "--eval-harmful",
                  str(shared_prompts / "harmful_val.json"), "--eval-harmless", str(shared_prompts / "harmless_val.json"),
                  "--n-eval-harmful", "20", "--n-eval-harmless", "8", "--json", str(js)])
     assert code == 0
-    got = json.loads(js.read_text())
-    before, after = got["before"], got["after"]
+    return json.loads(js.read_text())
+
+
+def test_reference_gguf_refusals_drop_in_llama_cpp(reference_gguf_verified, demo):
+    """In llama.cpp: refusals on 20 harmful_val prompts drop by the HF path's margin (within 3), first-token
+    KL <= 0.25 on 8 harmless ones."""
+    out, _ = demo
+    before, after = reference_gguf_verified["before"], reference_gguf_verified["after"]
     # The HF path's drop on the same 20 prompts, from the demo's answers (all 39: `make bench-gguf`).
     rows = json.loads((out / "generations.json").read_text())["harmful"][:20]
     hf_drop = sum(r["original_refused"] for r in rows) - sum(r["edited_refused"] for r in rows)
@@ -374,8 +380,10 @@ def test_reference_gguf_refusals_drop_in_llama_cpp(qwen_gguf_abliterated, demo, 
     assert after["kl_first"] <= 0.25
 
 
-def test_control_vector_lowers_refusals_in_llama_cpp(llama_cpp, demo, shared_prompts, tmp_path):
-    """The refusal direction as a control vector, subtracted in llama.cpp at the layers around the chosen one."""
+def test_control_vector_lowers_refusals_in_llama_cpp(llama_cpp, demo, reference_gguf_verified, shared_prompts,
+                                                    tmp_path):
+    """The refusal direction as a control vector, subtracted in llama.cpp at the layers around the chosen one,
+    against the original GGUF's refusals on the same 20 prompts in llama.cpp (reference_gguf_verified's)."""
     from abliterate.export.llamacpp import read_control_vector
     from abliterate.find.directions import Direction
 
@@ -390,13 +398,14 @@ def test_control_vector_lowers_refusals_in_llama_cpp(llama_cpp, demo, shared_pro
     _, vectors = read_control_vector(cv)
     assert sorted(vectors) == list(range(d.layer - 4, d.layer + 5))
     js = tmp_path / "cv.json"
-    code = main(["-q", "verify-gguf", str(src), "--original", str(src), "--control-vector", str(cv),
+    code = main(["-q", "verify-gguf", str(src), "--control-vector", str(cv),
                  "--eval-harmful", str(shared_prompts / "harmful_val.json"), "--n-eval-harmful", "20",
                  "--n-eval-harmless", "4", "--json", str(js)])
     assert code == 0
-    got = json.loads(js.read_text())
-    assert got["before"]["refusals"] >= 6, got["before"]
-    assert got["after"]["refusals"] <= got["before"]["refusals"] - 4, (got["before"], got["after"])
+    after, before = json.loads(js.read_text())["after"], reference_gguf_verified["before"]
+    assert after["n_harmful"] == before["n_harmful"] == 20
+    assert before["refusals"] >= 6, before
+    assert after["refusals"] <= before["refusals"] - 4, (before, after)
 
 
 @pytest.mark.parametrize("which", ["SMOLLM2_135M", "GEMMA3_270M"])
