@@ -259,6 +259,18 @@ class Scores:
         return Rate(sum(self.correct), len(self.items))
 
 
+def _exemplars(protocol: str, shots: int, dev_items: list[Item] | None) -> dict[str, list[Item]]:
+    """The dev exemplars by subject, after checking the protocol and that `shots` > 0 has exemplars."""
+    if protocol not in PROTOCOLS:
+        raise AbliterateError(f"capability protocol {protocol!r} is not one of: {', '.join(PROTOCOLS)}")
+    if shots and dev_items is None:
+        raise AbliterateError(f"{shots}-shot scoring needs exemplars: pass dev_items (e.g. mmlu_dev.jsonl) or shots=0")
+    dev: dict[str, list[Item]] = defaultdict(list)
+    for it in dev_items or []:
+        dev[it.subject].append(it)
+    return dev
+
+
 def score(model, tokenizer, items: list[Item], *, shots: int = 5, dev_items: list[Item] | None = None,
           batch_size: int = 8, desc: str | None = None, protocol: str = "letter") -> Scores:
     """Answer `items` by a log-likelihood protocol (module docstring), subject by subject.
@@ -268,13 +280,7 @@ def score(model, tokenizer, items: list[Item], *, shots: int = 5, dev_items: lis
     byte (lm-eval's `mmlu_continuation`, acc_norm), each question run once as a prefix of its choices.
     """
     t0 = time.perf_counter()
-    if protocol not in PROTOCOLS:
-        raise AbliterateError(f"capability protocol {protocol!r} is not one of: {', '.join(PROTOCOLS)}")
-    if shots and dev_items is None:
-        raise AbliterateError(f"{shots}-shot scoring needs exemplars: pass dev_items (e.g. mmlu_dev.jsonl) or shots=0")
-    dev: dict[str, list[Item]] = defaultdict(list)
-    for it in dev_items or []:
-        dev[it.subject].append(it)
+    dev = _exemplars(protocol, shots, dev_items)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def enc(text: str) -> list[int]:
@@ -344,13 +350,7 @@ def choice_sequences(tokenizer, items: list[Item], *, shots: int = 5, dev_items:
     """Every (item, choice) as one whole sequence, prefix included, tokenized as `score` tokenizes it (cloze: prefix
     and question together; letter: apart): the distinct sequences, and per sequence the (item, choice,
     continuation ids) it scores. One-token letters (" A".." D") make an item's sequences coincide: run once."""
-    if protocol not in PROTOCOLS:
-        raise AbliterateError(f"capability protocol {protocol!r} is not one of: {', '.join(PROTOCOLS)}")
-    if shots and dev_items is None:
-        raise AbliterateError(f"{shots}-shot scoring needs exemplars: pass dev_items (e.g. mmlu_dev.jsonl) or shots=0")
-    dev: dict[str, list[Item]] = defaultdict(list)
-    for it in dev_items or []:
-        dev[it.subject].append(it)
+    dev = _exemplars(protocol, shots, dev_items)
 
     def enc(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
