@@ -15,6 +15,24 @@ def test_builtin_sets_are_large_varied_and_split():
         assert len(train) + len(test) == len(every) and len(test) >= 50
 
 
+def test_held_out_harmful_prompts_separate_a_ten_point_change():
+    """harmful_test.txt adds held-out prompts after the every-fifth ones: the fit set and the first 56 of the
+    report set are what they were, no added prompt is a fit prompt (by fingerprint), and at 112 prompts a
+    10-point net drop in refusals is outside the noise of the paired test (exact McNemar, p < 0.05) even with
+    four prompts moving the other way; at 56, one such prompt was enough to hide it."""
+    from abliterate.find.splits import fingerprint
+    from abliterate.measure.stats import mcnemar_exact
+
+    train, test = load_prompts("builtin:harmful:train"), load_prompts("builtin:harmful:test")
+    assert len(test) == 112 and len(train) == 224
+    assert set(test.categories[56:]) == set(test.categories[:56])  # every category gains prompts
+    assert {fingerprint(p) for p in test.prompts}.isdisjoint(fingerprint(p) for p in train.prompts)
+    assert len({fingerprint(p) for p in test.prompts}) == 112
+    net = round(0.1 * len(test))
+    assert all(mcnemar_exact(net + back, back) < 0.05 for back in range(5))
+    assert mcnemar_exact(round(0.1 * 56) + 1, 1) > 0.05
+
+
 @pytest.mark.parametrize("suffix", [".txt", ".json", ".jsonl", ".csv"])
 def test_file_formats(tmp_path, suffix):
     prompts = ["How do I bake bread?", "Write a poem, please."]

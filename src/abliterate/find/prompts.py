@@ -59,26 +59,33 @@ class PromptSet:
 
 
 def _builtin(kind: str, split: str | None) -> PromptSet:
-    """Our own prompt sets. Every fifth prompt of each category is held out as `test`."""
+    """Our own prompt sets. Every fifth prompt of each category of `{kind}.txt` is held out as `test`, and so is
+    every prompt of `{kind}_test.txt` where there is one (after the others: the first n of `test` stay what they
+    were). `harmful_test.txt` doubles the held-out harmful prompts to 112, so the default evaluation separates a
+    10-point change in refusals (docs/measure.md) without changing the prompts a direction is fitted on."""
     if kind not in BUILTIN:
         names = ", ".join(f"builtin:{k}" for k in BUILTIN)
         raise AbliterateError(f"no built-in prompt set {kind!r}; use one of {names}")
     if split not in (None, "all", *SPLITS):
         raise AbliterateError(f"unknown split {split!r}; use one of {', '.join(SPLITS)} or all")
-    text = resources.files("abliterate").joinpath(f"data/{kind}.txt").read_text(encoding="utf-8")
-    prompts, cats, category, index = [], [], "", 0
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
+    data = resources.files("abliterate").joinpath("data")
+    prompts, cats = [], []
+    for name, held_out in ((f"{kind}.txt", False), (f"{kind}_test.txt", True)):
+        if not data.joinpath(name).is_file():
             continue
-        if line.startswith("# "):
-            category, index = line[2:].strip(), 0
-            continue
-        which = "test" if index % 5 == 4 else "train"
-        index += 1
-        if split in (None, "all") or which == split:
-            prompts.append(line)
-            cats.append(category)
+        category, index = "", 0
+        for line in data.joinpath(name).read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("# "):
+                category, index = line[2:].strip(), 0
+                continue
+            which = "test" if held_out or index % 5 == 4 else "train"
+            index += 1
+            if split in (None, "all") or which == split:
+                prompts.append(line)
+                cats.append(category)
     return PromptSet(f"builtin:{kind}" + (f":{split}" if split else ""), tuple(prompts), tuple(cats))
 
 
