@@ -221,3 +221,29 @@ def test_a_padding_index_beyond_the_rows_the_prompts_use(tmp_path, tokenizer):
     (streamed,) = collect_streamed(sm, [texts], n_positions=1)
     assert _close(streamed.mean, memory.mean)
     assert sm.token_embedding.padding_idx == len(tokenizer) - 1  # given back
+
+
+def test_a_stream_over_its_budget_gives_freed_memory_back(monkeypatch, sharded, tokenizer):
+    """After each block the stream trims the heap when the resident set is over what it held at the start plus
+    --max-memory, and only then (trimming costs page faults); without --max-memory it never trims. The
+    figures are the same either way."""
+    import platform
+
+    from abliterate.model import streamed as module
+    from abliterate.model.load import trim_heap
+
+    texts = _texts(tokenizer, 4)
+    trims, rss = [], [0]
+    monkeypatch.setattr(module, "trim_heap", lambda: trims.append(1) or True)
+    monkeypatch.setattr(module, "resident_bytes", lambda: rss[0])
+    skel = open_skeleton(sharded("llama")[1], RunConfig(device="cpu"))
+    sm = StreamedModel(skel, max_memory=1 << 30, batch_size=3)
+    assert sm.rss_cap == 1 << 30
+    (under,) = collect_streamed(sm, [texts], n_positions=1)
+    assert trims == [] and sm.trims == 0
+    rss[0] = (1 << 30) + 1  # over the cap from here on: one trim per block read
+    (over,) = collect_streamed(sm, [texts], n_positions=1)
+    assert len(trims) == sm.trims == len(sm.blocks)
+    assert torch.equal(under.mean, over.mean)
+    assert StreamedModel(skel, batch_size=3).rss_cap is None
+    assert trim_heap() is (platform.libc_ver()[0] == "glibc")  # the real one == (platform.libc_ver()[0] == "glibc")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
@@ -23,6 +24,45 @@ GGUF_MAGIC = b"GGUF"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _libc():
+    """The C library when it is glibc (malloc_trim is glibc's), else None."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    name = ctypes.util.find_library("c")
+    if not name or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set now (Linux's /proc/self/statm), None where the system does not say."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def trim_heap() -> bool:
+    """Give the heap's free pages back to the system (glibc's malloc_trim). False where there is no glibc.
+
+    Why a streamed pass needs it: blocks' weights and batches' temporaries are freed one after another, glibc
+    keeps freed memory in the heap, fragmented, and raises its mmap threshold as large blocks are freed, so the
+    resident set grows far past what is live (measured: 1807 MB against 825 MB with trimming, reference model,
+    `directions --max-memory 512MB`). Trimming costs the next allocations their page faults, so the stream
+    trims only when the resident set passes its budget (`StreamedModel._after_block`)."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 @dataclass

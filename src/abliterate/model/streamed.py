@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from ..errors import AbliterateError
 from .arch import text_config
 from .forward import Batch, id_batches
+from .load import resident_bytes, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,11 @@ class StreamedModel:
         self.vocab, self.hidden_size = head.weight.shape
         self.itemsize = torch.finfo(skel.dtype).bits // 8
         self.budget = self._budget()
+        # The resident set the stream keeps to: what the process holds before any block (imports, skeleton) and
+        # the budget. Past it, freed memory goes back to the system after a block (`trim_heap`).
+        rss = resident_bytes()
+        self.rss_cap = rss + max_memory if max_memory is not None and rss is not None else None
+        self.trims = 0
 
     # -- what is where ------------------------------------------------------------------------------------------
 
@@ -292,6 +298,12 @@ class StreamedModel:
         finally:
             for name, _ in params:
                 set_module_tensor_to_device(self.model, name, "meta")
+            self._after_block()
+
+    def _after_block(self) -> None:
+        """Trim the heap when the resident set is over `rss_cap` (`load.trim_heap` says why)."""
+        if self.rss_cap is not None and (resident_bytes() or 0) > self.rss_cap and trim_heap():
+            self.trims += 1
 
     @contextmanager
     def _token_rows(self, ids: torch.Tensor):
