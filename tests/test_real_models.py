@@ -140,6 +140,49 @@ def test_streamed_directions_under_a_quarter_of_the_weights_are_the_demos(qwen_d
     assert abs(streamed.scale - memory.scale) <= 1e-4 * memory.scale
 
 
+STREAM_RUN = dict(n_train=16, n_eval_harmful=6, n_eval_harmless=6, max_new_tokens=8, kl_tokens=4, capability="none",
+                  layer=15, device="cpu")
+
+
+def test_run_stream_under_a_quarter_of_the_weights_measures_what_memory_measures(qwen_dir, tmp_path):
+    """run --stream --max-memory 512MB on the reference model (2.5 GB of weights) in a child process, whose peak
+    resident set is its own: every stage streamed, the peak under the budget plus 1 GB, and the figures it
+    printed are an in-memory evaluation's of the original and of its output on the same prompts. Small sizes
+    and the layer given (CI's minutes; the selection streamed == in memory is test_streamed_find.py's)."""
+    import subprocess
+    import sys
+
+    cfg = RunConfig(**STREAM_RUN)
+    harmful, harmless = eval_sets(cfg)
+    original = load_model(qwen_dir)
+    ref = run_eval(original, cfg, harmful, harmless)
+    # In shards of at most 100 MB, as checkpoints of big models come: the bake holds one shard at a time, and
+    # the packaged copy is one 2.5 GB file.
+    sharded = tmp_path / "sharded"
+    original.model.save_pretrained(sharded, max_shard_size="100MB")
+    original.tokenizer.save_pretrained(sharded)
+    del original
+    out = tmp_path / "out"
+    child = (f"import json; from abliterate import RunConfig; from abliterate.commands.run import run; "
+             f"r = run({str(sharded)!r}, {str(out)!r}, RunConfig(stream=True, max_memory='512MB', **{STREAM_RUN!r})); "
+             f"hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+             f"print(json.dumps({{'peak_mb': int(hwm) / 1024, 'paths': r.paths}}))")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts at what this process held when it forked
+    assert got["peak_mb"] < 512 + 1024, got
+    assert len(got["paths"]) == 4 and all(how.startswith("streamed") for how in got["paths"].values()), got["paths"]
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+
+    after = run_eval(load_model(out), cfg, harmful, harmless, reference=ref)
+    for side, ev in (("before", ref), ("after", after)):
+        m = metrics[side]
+        assert (m["refusals"], m["over_refusals"], m["n_harmful"]) == (ev.metrics.refusals, ev.metrics.over_refusals, 6)
+    assert abs(metrics["after"]["kl_first"] - after.metrics.kl_first) <= 1e-4 * max(1.0, after.metrics.kl_first)
+    assert abs(metrics["after"]["kl_continuation"] - after.metrics.kl_continuation) <= 1e-4
+
+
 def test_gguf_model_runs_the_pipeline_and_saves(smollm_gguf, tmp_path):
     """A Llama-architecture GGUF (SmolLM2-135M, Q4_1): loaded dequantized, abliterated, saved, reloaded."""
     from transformers import AutoModelForCausalLM
