@@ -59,9 +59,14 @@ def answer(llm, text: str, max_new_tokens: int) -> str:
 
 def next_logprobs(llm, text: str) -> np.ndarray:
     """log-softmax of the logits after a formatted prompt, (V,)."""
-    llama_cpp = require()
     llm.reset()
     llm.eval(tokens(llm, text))
+    return last_logprobs(llm)
+
+
+def last_logprobs(llm) -> np.ndarray:
+    """log-softmax of the logits after the last token evaluated, (V,)."""
+    llama_cpp = require()
     # Read the context's last logits directly: without logits_all, `llm.scores` is not filled.
     ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
     logits = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(np.float64)
