@@ -1,4 +1,5 @@
-"""apply --stream: the checkpoint baked shard by shard writes what the in-memory bake writes, bit for bit.
+"""apply --stream: the checkpoint baked shard by shard, each tensor in blocks, writes what the in-memory bake
+writes, bit for bit.
 
 Identities, not outputs: every tensor of the streamed output has the in-memory output's bytes, the
 tensors the edit does not touch keep the input's bytes, the names are the same, and plain
@@ -97,6 +98,53 @@ def test_streamed_bake_is_the_in_memory_bake(arch, capsys, tmp_path, tokenizer):
     enc = inputs(tokenizer)
     logits = [AutoModelForCausalLM.from_pretrained(tmp_path / d).eval()(**enc).logits for d in ("memory", "streamed")]
     assert torch.equal(*logits)
+
+
+def test_the_bake_holds_a_block_not_a_shard(capsys, tmp_path, tokenizer, monkeypatch):
+    """The whole model in one shard, blocks of 4 float32 rows of 64: the streamed bake reads the file in blocks
+    of rows, opening it again after each block (a mapped file's pages count in the resident set), and writes
+    every tensor in pieces of at most a block, but for the writers whose residual axis is their first (edited
+    whole, as in memory: one tensor, never the shard). What it writes is the in-memory bake, bit for bit, the
+    tied head untied with the original embedding, and the file `save_file` writes for the same tensors, byte
+    for byte."""
+    from abliterate.export import streamed
+
+    block = 4 * 4 * 64
+    monkeypatch.setattr(weighted, "BLOCK_BYTES", block)
+    src = tmp_path / "one"
+    make_model("llama_tied", tokenizer).save_pretrained(src)  # one model.safetensors, tied head
+    tokenizer.save_pretrained(src)
+    original = load_file(src / "model.safetensors")
+    reads, opens, pieces = [], [], {}
+    read, write, enter = streamed._Rows.__call__, streamed.TensorFileWriter.write, streamed.safe_open
+
+    def reading(self, shard, name, start=None, stop=None):
+        t = read(self, shard, name, start, stop)
+        reads.append(self.since - t.nbytes)  # read since the file was last opened, before this
+        return t
+
+    def writing(self, name, piece):
+        pieces.setdefault(name, []).append(piece.nbytes)
+        return write(self, name, piece)
+
+    monkeypatch.setattr(streamed._Rows, "__call__", reading)
+    monkeypatch.setattr(streamed.TensorFileWriter, "write", writing)
+    monkeypatch.setattr(streamed, "safe_open", lambda *a: opens.append(a) or enter(*a))
+    memory, out = _both(capsys, src, tmp_path, "--direction", _direction(tmp_path / "d.safetensors"))
+    assert memory.keys() == out.keys() == original.keys() | {"lm_head.weight"}
+    assert all(_same_bytes(memory[k], out[k]) for k in memory)
+    assert _same_bytes(out["lm_head.weight"], original["model.embed_tokens.weight"])
+    assert not _same_bytes(out["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
+    # every read starts with less than a block mapped since the file was opened
+    assert max(reads) < block and len(opens) > len(original) * 4 // 10
+    whole = {k for k in original if "o_proj" in k or "down_proj" in k}  # (H, in): the edit mixes their rows
+    assert whole and all(len(pieces[k]) == 1 for k in whole)
+    big = {k for k in pieces if k not in whole and original.get(k, original["model.embed_tokens.weight"]).nbytes > block}
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= big  # the embedding is edited, the head copied
+    assert all(len(pieces[k]) > 1 and max(pieces[k]) <= block for k in big)
+    again = tmp_path / "again.safetensors"
+    save_file(load_file(tmp_path / "streamed" / "model.safetensors"), again, metadata={"format": "pt"})
+    assert again.read_bytes() == (tmp_path / "streamed" / "model.safetensors").read_bytes()
 
 
 def _searched(tmp_path, src, ablation) -> str:

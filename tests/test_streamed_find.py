@@ -247,14 +247,3 @@ def test_a_stream_over_its_budget_gives_freed_memory_back(monkeypatch, sharded, 
     assert torch.equal(under.mean, over.mean)
     assert StreamedModel(skel, batch_size=3).rss_cap is None
     assert trim_heap() is (platform.libc_ver()[0] == "glibc")  # the real one == (platform.libc_ver()[0] == "glibc")
-
-
-def test_a_shard_over_the_budget_is_named_before_the_bake(caplog, sharded):
-    """run --stream's bake holds one shard at a time: a shard file over --max-memory is named, with the fix."""
-    skel = open_skeleton(sharded("llama")[1], RunConfig(device="cpu"))
-    root = skel.ckpt.root
-    size, name = max(((root / n).stat().st_size, n) for n in skel.ckpt.shards)
-    assert StreamedModel(skel, max_memory=size).warn_large_shard() is None
-    assert StreamedModel(skel).warn_large_shard() is None
-    msg = StreamedModel(skel, max_memory=size - 1).warn_large_shard()
-    assert msg and name in msg and "max_shard_size" in msg and msg in caplog.text

@@ -343,7 +343,6 @@ def run_streamed(sm, source: str, out: str | Path | None, cfg: RunConfig, timer:
     sm.check_budget(longest + cfg.kl_tokens)
     if cap:
         sm.check_budget(capability_longest(tok, cap))
-    sm.warn_large_shard()
     with timer("load"):  # the skeleton: config, headers, 1-D tensors
         sk_loaded = sm.loaded
     stage("activations and selection", "streamed, one block at a time")

@@ -210,16 +210,30 @@ class WriterEdit:
                 part = self if self.norm != "column" else replace(self, scales=scales.reshape(wm.shape[:-1])[e])
                 part.apply_(wm[e], -1)
             return w
-        rows = max(1, BLOCK_BYTES // (4 * wm.shape[-1]))
-        for i in range(0, wm.shape[0] if wm.dim() == 2 else 1, rows):
-            block = wm[i:i + rows] if wm.dim() == 2 else wm
-            x = project(block.float(), self.basis.to(wm.device), self.weight)
-            if self.norm == "row":
-                x = x * self.scales.to(wm.device)
-            elif self.norm == "column" and wm.dim() == 2:  # a bias has no input features to scale
-                x = x * self.scales.to(wm.device).reshape(-1)[i:i + rows].unsqueeze(-1)
-            block.copy_(x)
+        if wm.dim() < 2:
+            self.rows_(wm, 0)
+            return w
+        rows = self.block_rows(wm.shape[-1])
+        for i in range(0, wm.shape[0], rows):
+            self.rows_(wm[i:i + rows], i)
         return w
+
+    @staticmethod
+    def block_rows(hidden: int) -> int:
+        """How many rows (of `hidden` values each, residual axis last) `apply_` edits at a time."""
+        return max(1, BLOCK_BYTES // (4 * hidden))
+
+    def rows_(self, block: torch.Tensor, start: int) -> torch.Tensor:
+        """In place: rows `start`, `start + 1`, ... of a writer whose residual axis is the last (a (tokens, H)
+        embedding, a (in, H) view of a matrix), or a (H,) bias; one of `apply_`'s blocks. The streamed bake calls
+        this on the blocks it reads from disk, with `apply_`'s block boundaries, so it writes `apply_`'s bits."""
+        x = project(block.float(), self.basis.to(block.device), self.weight)
+        if self.norm == "row":
+            x = x * self.scales.to(block.device)
+        elif self.norm == "column" and block.dim() == 2:  # a bias has no input features to scale
+            x = x * self.scales.to(block.device).reshape(-1)[start:start + len(block)].unsqueeze(-1)
+        block.copy_(x)
+        return block
 
 
 def writer_edits(ablation: Ablation, layout: Layout, matrix=None) -> list[tuple[list[Writer], WriterEdit]]:

@@ -149,6 +149,71 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
     return path
 
 
+# safetensors' dtype names (its format's header), for the torch dtypes a checkpoint may hold
+DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint64: "U64",
+               torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL",
+               torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+class TensorFileWriter:
+    """One safetensors file written tensor by tensor, so that no more than one block of it is ever in memory.
+
+    safetensors writes a file from a dict of every tensor in memory, and has no incremental writer: its header
+    (every tensor's dtype, shape and byte range) comes before the data (safetensors/safetensors#291). Here all of
+    that is known before any data is made (`entries`), so the header is written first, as `save_file` lays it
+    out (the JSON padded with spaces to a multiple of 8 bytes; tensors by dtype size, largest first, then by
+    name, so each starts aligned), and then each tensor's bytes, in `order`, in as many pieces as the caller
+    likes. `close` checks that every byte was written; the file is then read back by safetensors' own check
+    by whoever wrote it (`check_safetensors`)."""
+
+    def __init__(self, path: Path, entries: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
+        self.entries = entries
+        self.order = sorted(entries, key=lambda n: (-entries[n][0].itemsize, n))
+        header: dict[str, object] = {"__metadata__": metadata}
+        start = 0
+        self.sizes: dict[str, int] = {}
+        for name in self.order:
+            dtype, shape = entries[name]
+            self.sizes[name] = dtype.itemsize * int(torch.Size(shape).numel())
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [start, start + self.sizes[name]]}
+            start += self.sizes[name]
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.file = open(path, "wb")
+        self.file.write(len(raw).to_bytes(8, "little") + raw)
+        self._next, self._left = 0, None
+
+    def write(self, name: str, piece: torch.Tensor) -> None:
+        """The next bytes of tensor `name`: `piece`, rows of it in order (all of it, for a 0-d tensor)."""
+        if self._left is None:  # `name` starts
+            assert name == self.order[self._next], f"{name} written before {self.order[self._next]}"
+            self._left = self.sizes[name]
+        assert name == self.order[self._next] and piece.dtype == self.entries[name][0], (name, piece.dtype)
+        data = piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        assert len(data) <= self._left, f"{name}: more bytes than its shape holds"
+        self.file.write(memoryview(data))
+        self._left -= len(data)
+        if not self._left:
+            self._next, self._left = self._next + 1, None
+
+    def close(self) -> None:
+        self.file.close()
+        missing = self.order[self._next:]
+        assert not missing, f"not written: {missing[:3]}"
+
+    def __enter__(self) -> "TensorFileWriter":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.file.close()
+
+
 def load_tensors(path: str | Path, key: str, names: tuple[str, ...], what: str) -> tuple[object, dict, dict]:
     """(the JSON value of metadata `key`, the tensors `names`, all metadata) of a file `save_tensors` wrote, or an
     error naming the file as not an abliterate `what` file."""

@@ -2,10 +2,16 @@
 
 The in-memory bake (`apply`) loads the whole model, edits its residual writers and saves it, so
 it needs memory for the whole model. This one reads the checkpoint's shards lazily (`safe_open`),
-one after the other: a tensor the edit does not touch is copied, a writer's tensor is edited by
-the function the in-memory bake uses (`edit.weighted.WriterEdit`), and each shard is written under
-its own name before the next one is read. Peak memory: about one shard (as written, in the output
-dtype) plus one edited tensor in float32 (docs/big-models.md).
+one after the other, and writes each shard under its own name tensor by tensor
+(`export.files.TensorFileWriter`: the header first, then the data, since every name, dtype and
+shape is known before any is made). A tensor the edit does not touch is copied in blocks of rows;
+a writer whose residual axis is its last (an embedding, a Conv1D) is edited in the blocks of rows
+the in-memory bake edits it in (`edit.weighted.WriterEdit.rows_`), as they are read; any other
+writer (an (out, in) matrix, whose edit mixes its rows, or a parameter in pieces) is read and
+edited whole by the in-memory bake's function (`WriterEdit.apply_`). The file is opened again
+after every block read, so no more than a block of it is mapped. Peak memory: about the largest
+writer edited whole plus a few blocks (`BLOCK_BYTES`), whatever the size of a shard or of the
+embedding (docs/big-models.md).
 
 What the model is comes from a skeleton: the model built from its config on the meta device (no
 memory) and resolved by `model.arch` as a loaded one is. Its 1-D parameters (norms, biases: a few
@@ -21,7 +27,7 @@ dtype (`--dtype`; auto is float32 on a CPU, bf16 or fp16 on a GPU) and `save_pre
 them in it. Here too: a tensor already in that dtype is copied as it is (the same bytes), another
 floating-point one is cast as the loader casts it (`Tensor.to`). The edit runs on the same device
 (`--device`). So with the same options the output's tensors are the in-memory bake's bit for bit
-(tests/test_streamed.py).
+(tests/test_export_streamed.py).
 
 Not done here: the in-memory bake of one direction checks on a forward pass that no writer was
 missed (`commands.steps.bake`); without a model there is no forward pass. Both paths take their
@@ -31,12 +37,12 @@ writers from the same layout, so a spec that misses one misses it in both.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -53,11 +59,12 @@ from transformers.core_model_loading import (
 )
 
 from ..config import RunConfig
+from ..edit import weighted
 from ..edit.weighted import Ablation, WriterEdit, untie_lm_head_, writer_edits
 from ..errors import AbliterateError
 from ..model.arch import ArchSpec, Layout, Writer, resolve
 from ..model.load import check_loading_info, check_safetensors, finite, load_tokenizer, pick_device, pick_dtype
-from .files import MANIFEST, check_output, to_json, write_dir_atomic
+from .files import DTYPES, MANIFEST, TensorFileWriter, check_output, to_json, write_dir_atomic
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -71,6 +78,7 @@ class Checkpoint:
     shards: list[str]  # file names, in order
     where: dict[str, str]  # tensor name -> shard file
     shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
     sharded: bool  # written with an index (model.safetensors.index.json)
 
     @classmethod
@@ -99,7 +107,7 @@ class Checkpoint:
         else:
             raise AbliterateError(f"{source} has no {SINGLE} or {INDEX}; --stream reads only safetensors weights: "
                                   f"convert them, or leave out --stream")
-        where, shapes = {}, {}
+        where, shapes, dtypes = {}, {}, {}
         for shard in shards:
             path = root / shard
             if not path.is_file():
@@ -107,12 +115,17 @@ class Checkpoint:
             check_safetensors(path)
             with safe_open(str(path), "pt") as f:
                 for name in f.keys():
-                    where[name], shapes[name] = shard, tuple(f.get_slice(name).get_shape())
+                    sl = f.get_slice(name)
+                    where[name], shapes[name] = shard, tuple(sl.get_shape())
+                    if sl.get_dtype() not in DTYPES:
+                        raise AbliterateError(f"{path} holds {name} in dtype {sl.get_dtype()}, which torch does not "
+                                              f"read; convert the checkpoint, or leave out --stream")
+                    dtypes[name] = DTYPES[sl.get_dtype()]
         if listed is not None and listed != where:
             odd = sorted(set(listed.items()) ^ set(where.items()))
             raise AbliterateError(f"{root / INDEX} does not match its shards ({len(odd)} entries differ, e.g. "
                                   f"{odd[0][0]} in {odd[0][1]}); re-download or re-save the model")
-        return cls(root, shards, where, shapes, listed is not None)
+        return cls(root, shards, where, shapes, dtypes, listed is not None)
 
     def read(self, names: list[str]) -> list[torch.Tensor]:
         """Tensors `names`, in order, each shard opened once."""
@@ -264,31 +277,53 @@ def save_streamed(skel: Skeleton, ablation: Ablation, out: str | Path, *, manife
     emb = skel.layout.embeddings[0] if untied else None
     head = stored(skel.model, f"{skel.layout.spec.lm_head}.weight", skel.layout.lm_head.weight).names[0] \
         if untied else None
-    head_shard = skel.ckpt.where[stored(skel.model, emb.name, emb.param).names[0]] if untied else None
+    emb_name = stored(skel.model, emb.name, emb.param).names[0] if untied else None
+    head_shard = skel.ckpt.where[emb_name] if untied else None
+    ready: dict[str, torch.Tensor] = {}  # edited pieces of a parameter whose shard is still to come
+
+    def pieces(read: "_Rows", name: str, shard: str):
+        """Output tensor `name` of `shard`, in pieces of at most about one block, in its order on disk."""
+        if name in todo and name != head:
+            writer, edit, where = todo[name]
+            if not where.stacked and writer.param.dim() == 2 and writer.out_dim == 1:
+                # residual axis last (an embedding, a Conv1D): edited in the blocks of rows `apply_` uses, as read
+                rows = WriterEdit.block_rows(skel.ckpt.shapes[name][1])
+                for i in range(0, skel.ckpt.shapes[name][0], rows):
+                    raw = read(shard, name, i, i + rows)
+                    block = _cast(raw, skel.dtype).to(skel.device)
+                    if block is raw:  # safetensors maps the file: edited in place, a later read would see the edit
+                        block = block.clone()
+                    yield edit.rows_(block, i).cpu()
+                return
+            if name not in ready:  # a whole (out, in) matrix, or a parameter in pieces: edited whole
+                w = _read(skel.ckpt, where, skel.dtype).to(skel.device)
+                edited = edit.apply_(w, writer.out_dim).cpu()
+                ready.update(zip(where.names, edited.unbind(0) if where.stacked else [edited]))
+            yield ready.pop(name)
+            return
+        source = emb_name if name == head else name  # the untied head: the embedding as it was
+        shape = skel.ckpt.shapes[source]
+        if len(shape) < 1:
+            yield _cast(read(skel.ckpt.where[source], source), skel.dtype)
+            return
+        rows = max(1, weighted.BLOCK_BYTES // (4 * max(1, math.prod(shape[1:]))))
+        for i in range(0, shape[0], rows):
+            yield _cast(read(skel.ckpt.where[source], source, i, i + rows), skel.dtype)
 
     def fill(tmp: Path) -> None:
         weight_map, size = {}, 0
-        ready: dict[str, torch.Tensor] = {}  # edited tensors (or pieces) whose shard is still to come
         for shard in tqdm(skel.ckpt.shards, desc="streamed bake", leave=False, unit="shard"):
-            tensors = {}
-            with safe_open(str(skel.ckpt.root / shard), "pt") as f:
-                for name in f.keys():
-                    if name in todo and name not in ready:
-                        writer, edit, where = todo[name]
-                        w = _read(skel.ckpt, where, skel.dtype)
-                        if writer is emb:
-                            ready[head] = w  # the untied head keeps the embedding as it was
-                        w = w.to(skel.device)  # edited in place, but for the untied head's original
-                        edited = (edit(w, writer.out_dim) if writer is emb else edit.apply_(w, writer.out_dim)).cpu()
-                        ready.update(zip(where.names, edited.unbind(0) if where.stacked else [edited]))
-                    tensors[name] = ready.pop(name) if name in ready else _cast(f.get_tensor(name), skel.dtype)
-            if shard == head_shard:
-                tensors[head] = ready.pop(head)
-            _check_finite(skel, tensors)
-            save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / shard), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, shard))
-            size += sum(t.nbytes for t in tensors.values())
-            del tensors
+            names = [n for n in skel.ckpt.where if skel.ckpt.where[n] == shard] + ([head] if shard == head_shard else [])
+            entries = {n: (_out_dtype(skel, skel.ckpt.dtypes[emb_name if n == head else n]),
+                           skel.ckpt.shapes[emb_name if n == head else n]) for n in names}
+            with _Rows(skel.ckpt.root) as read, TensorFileWriter(tmp / shard, entries, {"format": "pt"}) as f:
+                for name in f.order:
+                    for piece in pieces(read, name, shard):
+                        _check_finite(skel, name, piece)
+                        f.write(name, piece)
+            check_safetensors(tmp / shard)
+            weight_map.update(dict.fromkeys(entries, shard))
+            size += sum(f.sizes.values())
         assert not ready, f"edited but not written: {sorted(ready)}"
         if skel.ckpt.sharded:
             index = {"metadata": {"total_parameters": skel.model.num_parameters(), "total_size": size},
@@ -302,14 +337,48 @@ def save_streamed(skel: Skeleton, ablation: Ablation, out: str | Path, *, manife
     return write_dir_atomic(out, fill, force)
 
 
-def _check_finite(skel: Skeleton, tensors: dict[str, torch.Tensor]) -> None:
-    """`load_model`'s check, shard by shard: a weight that is nan or inf (after the cast) is refused."""
-    bad = sorted(n for n, t in tensors.items() if not finite(t))
-    if bad:
+def _check_finite(skel: Skeleton, name: str, piece: torch.Tensor) -> None:
+    """`load_model`'s check, piece by piece: a weight that is nan or inf (after the cast) is refused."""
+    if not finite(piece):
         raise AbliterateError(
-            f"the weights of {skel.ckpt.root} hold nan or inf in {len(bad)} tensor(s) ({', '.join(bad[:4])}); "
+            f"the weights of {skel.ckpt.root} hold nan or inf in {name}; "
             + ("float16 cannot hold some of them: use --dtype bfloat16 or float32" if skel.dtype == torch.float16
                else "the checkpoint is damaged: re-download or re-save the model"))
+
+
+def _out_dtype(skel: Skeleton, dtype: torch.dtype) -> torch.dtype:
+    """A stored tensor's dtype in the output: `_cast`'s rule."""
+    return skel.dtype if dtype.is_floating_point else dtype
+
+
+class _Rows:
+    """Rows of a checkpoint's tensors, read through `safe_open`. A file's pages count in the resident set while it
+    is mapped, so a shard is closed and opened again after every `BLOCK_BYTES` read: what is mapped and touched
+    stays about one block, whatever the size of the shard."""
+
+    def __init__(self, root: Path):
+        self.root, self.shard, self.file, self.since = root, None, None, 0
+
+    def __call__(self, shard: str, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows `start:stop` of tensor `name` (all of it, for None), from file `shard`."""
+        if shard != self.shard or self.since >= weighted.BLOCK_BYTES:
+            self.close()
+            self.file, self.shard, self.since = safe_open(str(self.root / shard), "pt"), shard, 0
+            self.file.__enter__()
+        t = self.file.get_tensor(name) if start is None else self.file.get_slice(name)[start:stop]
+        self.since += t.nbytes
+        return t
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.__exit__(None, None, None)
+        self.shard = self.file = None
+
+    def __enter__(self) -> "_Rows":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
 
 
 def _save_configs(skel: Skeleton, tmp: Path) -> None:

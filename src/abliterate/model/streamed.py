@@ -300,21 +300,6 @@ class StreamedModel:
                 set_module_tensor_to_device(self.model, name, "meta")
             self._after_block()
 
-    def warn_large_shard(self) -> str | None:
-        """The bake (`run --stream`'s save) holds one shard at a time, so the largest shard bounds its peak: a
-        warning, logged and returned, when that shard's file is over the budget."""
-        if self.max_memory is None:
-            return None
-        root = self.skel.ckpt.root
-        size, name = max(((root / n).stat().st_size, n) for n in self.skel.ckpt.shards)
-        if size <= self.max_memory:
-            return None
-        msg = (f"{name} is {show_bytes(size)}, over {self.option} {show_bytes(self.max_memory)}: the bake holds one "
-               f"shard at a time, so its peak passes the budget by about that much; reshard the checkpoint "
-               f"(save_pretrained(DIR, max_shard_size='{show_bytes(self.max_memory // 4)}')) to stay within it")
-        log.warning(msg)
-        return msg
-
     def _after_block(self) -> None:
         """Trim the heap when the resident set is over `rss_cap` (`load.trim_heap` says why)."""
         if self.rss_cap is not None and (resident_bytes() or 0) > self.rss_cap and trim_heap():
