@@ -204,7 +204,7 @@ class TensorFileWriter:
         missing = self.order[self._next:]
         assert not missing, f"not written: {missing[:3]}"
 
-    def __enter__(self) -> "TensorFileWriter":
+    def __enter__(self) -> TensorFileWriter:
         return self
 
     def __exit__(self, kind, *_) -> None:

@@ -82,7 +82,7 @@ class Checkpoint:
     sharded: bool  # written with an index (model.safetensors.index.json)
 
     @classmethod
-    def open(cls, source: str | Path) -> "Checkpoint":
+    def open(cls, source: str | Path) -> Checkpoint:
         """The checkpoint in directory `source`; an error naming the fix if there is none, or if the index and
         the files disagree."""
         root = Path(source).expanduser()
@@ -281,7 +281,7 @@ def save_streamed(skel: Skeleton, ablation: Ablation, out: str | Path, *, manife
     head_shard = skel.ckpt.where[emb_name] if untied else None
     ready: dict[str, torch.Tensor] = {}  # edited pieces of a parameter whose shard is still to come
 
-    def pieces(read: "_Rows", name: str, shard: str):
+    def pieces(read: _Rows, name: str, shard: str):
         """Output tensor `name` of `shard`, in pieces of at most about one block, in its order on disk."""
         if name in todo and name != head:
             writer, edit, where = todo[name]
@@ -374,7 +374,7 @@ class _Rows:
             self.file.__exit__(None, None, None)
         self.shard = self.file = None
 
-    def __enter__(self) -> "_Rows":
+    def __enter__(self) -> _Rows:
         return self
 
     def __exit__(self, *_) -> None:
