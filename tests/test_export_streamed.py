@@ -147,6 +147,26 @@ def test_the_bake_holds_a_block_not_a_shard(capsys, tmp_path, tokenizer, monkeyp
     assert again.read_bytes() == (tmp_path / "streamed" / "model.safetensors").read_bytes()
 
 
+def test_a_bad_weight_found_mid_write_leaves_nothing(capsys, tmp_path, tokenizer, monkeypatch):
+    """A nan in the last block of a tensor written late: the bake has written the shard's header and most of
+    its data when it finds it. One line naming the tensor, exit 2, and neither the output nor its temporary
+    directory left; the input untouched."""
+    monkeypatch.setattr(weighted, "BLOCK_BYTES", 4 * 4 * 64)
+    src = tmp_path / "one"
+    make_model("llama", tokenizer).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    tensors = load_file(src / "model.safetensors")
+    last = sorted(n for n, t in tensors.items() if t.dim() == 2 and t.shape[0] > 8)[-1]
+    tensors[last][-1, 0] = float("nan")
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    before = (src / "model.safetensors").read_bytes()
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "apply", src, "--direction", _direction(tmp_path / "d.safetensors"), "-o", out,
+                           "--stream")
+    assert_clean_error(code, err, f"nan or inf in {last}", out)
+    assert not list(tmp_path.glob(".out*")) and (src / "model.safetensors").read_bytes() == before
+
+
 def _searched(tmp_path, src, ablation) -> str:
     """The files `run --search` leaves for `apply --manifest`: manifest, direction and chosen ablation."""
     run = tmp_path / "searched"
