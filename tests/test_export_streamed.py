@@ -100,6 +100,33 @@ def test_streamed_bake_is_the_in_memory_bake(arch, capsys, tmp_path, tokenizer):
     assert torch.equal(*logits)
 
 
+def test_a_file_written_tensor_by_tensor_is_the_file_save_file_writes(tmp_path):
+    """TensorFileWriter: every dtype a checkpoint holds, a 0-d tensor, tensors with no elements, rows in
+    pieces: the bytes `save_file` writes for the same dict; out of order or too many bytes is a bug, caught."""
+    from abliterate.export.files import TensorFileWriter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(7, 3, generator=g), "h": torch.randn(5, 2, generator=g).to(torch.bfloat16),
+               "f": torch.randn(3, generator=g).to(torch.float16), "ids": torch.arange(6).reshape(2, 3),
+               "mask": torch.tensor([True, False, True]), "scale": torch.tensor(0.5, dtype=torch.float64),
+               "none": torch.zeros(0, 4), "q": torch.randint(-8, 8, (4, 4), dtype=torch.int8, generator=g),
+               "u": torch.arange(4, dtype=torch.uint8), "e": torch.randn(2, 2, generator=g).to(torch.float8_e4m3fn)}
+    entries = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+    with TensorFileWriter(tmp_path / "ours.safetensors", entries, {"format": "pt"}) as f:
+        for name in f.order:
+            t = tensors[name]
+            for piece in (t.split(2) if t.dim() else [t]):
+                f.write(name, piece)
+    save_file(tensors, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+    with pytest.raises(AssertionError, match="written before"):
+        with TensorFileWriter(tmp_path / "bad.safetensors", entries, {}) as f:
+            f.write(f.order[-1], tensors[f.order[-1]])
+    with pytest.raises(AssertionError, match="more bytes"):
+        with TensorFileWriter(tmp_path / "bad.safetensors", {"w": (torch.float32, (2, 3))}, {}) as f:
+            f.write("w", tensors["w"])
+
+
 def test_the_bake_holds_a_block_not_a_shard(capsys, tmp_path, tokenizer, monkeypatch):
     """The whole model in one shard, blocks of 4 float32 rows of 64: the streamed bake reads the file in blocks
     of rows, opening it again after each block (a mapped file's pages count in the resident set), and writes
@@ -139,7 +166,8 @@ def test_the_bake_holds_a_block_not_a_shard(capsys, tmp_path, tokenizer, monkeyp
     assert max(reads) < block and len(opens) > len(original) * 4 // 10
     whole = {k for k in original if "o_proj" in k or "down_proj" in k}  # (H, in): the edit mixes their rows
     assert whole and all(len(pieces[k]) == 1 for k in whole)
-    big = {k for k in pieces if k not in whole and original.get(k, original["model.embed_tokens.weight"]).nbytes > block}
+    emb = original["model.embed_tokens.weight"]
+    big = {k for k in pieces if k not in whole and original.get(k, emb).nbytes > block}
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= big  # the embedding is edited, the head copied
     assert all(len(pieces[k]) > 1 and max(pieces[k]) <= block for k in big)
     again = tmp_path / "again.safetensors"

@@ -155,6 +155,9 @@ DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
                torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL",
                torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+# the order in which `save_file` lays tensors out, by dtype (its Rust enum's, last first), then by name
+_LAYOUT = ["U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8",
+           "BOOL"]
 
 
 class TensorFileWriter:
@@ -163,14 +166,14 @@ class TensorFileWriter:
     safetensors writes a file from a dict of every tensor in memory, and has no incremental writer: its header
     (every tensor's dtype, shape and byte range) comes before the data (safetensors/safetensors#291). Here all of
     that is known before any data is made (`entries`), so the header is written first, as `save_file` lays it
-    out (the JSON padded with spaces to a multiple of 8 bytes; tensors by dtype size, largest first, then by
+    out (the JSON padded with spaces to a multiple of 8 bytes; tensors by dtype, the largest first, then by
     name, so each starts aligned), and then each tensor's bytes, in `order`, in as many pieces as the caller
     likes. `close` checks that every byte was written; the file is then read back by safetensors' own check
     by whoever wrote it (`check_safetensors`)."""
 
     def __init__(self, path: Path, entries: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
         self.entries = entries
-        self.order = sorted(entries, key=lambda n: (-entries[n][0].itemsize, n))
+        self.order = sorted(entries, key=lambda n: (_LAYOUT.index(DTYPE_NAMES[entries[n][0]]), n))
         header: dict[str, object] = {"__metadata__": metadata}
         start = 0
         self.sizes: dict[str, int] = {}
@@ -185,9 +188,16 @@ class TensorFileWriter:
         self.file = open(path, "wb")
         self.file.write(len(raw).to_bytes(8, "little") + raw)
         self._next, self._left = 0, None
+        self._skip_empty()
+
+    def _skip_empty(self) -> None:
+        while self._next < len(self.order) and not self.sizes[self.order[self._next]]:
+            self._next += 1  # a tensor with no elements has no bytes to wait for
 
     def write(self, name: str, piece: torch.Tensor) -> None:
         """The next bytes of tensor `name`: `piece`, rows of it in order (all of it, for a 0-d tensor)."""
+        if not self.sizes.get(name, 1):
+            return
         if self._left is None:  # `name` starts
             assert name == self.order[self._next], f"{name} written before {self.order[self._next]}"
             self._left = self.sizes[name]
@@ -198,6 +208,7 @@ class TensorFileWriter:
         self._left -= len(data)
         if not self._left:
             self._next, self._left = self._next + 1, None
+            self._skip_empty()
 
     def close(self) -> None:
         self.file.close()

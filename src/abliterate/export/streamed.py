@@ -312,18 +312,23 @@ def save_streamed(skel: Skeleton, ablation: Ablation, out: str | Path, *, manife
 
     def fill(tmp: Path) -> None:
         weight_map, size = {}, 0
-        for shard in tqdm(skel.ckpt.shards, desc="streamed bake", leave=False, unit="shard"):
-            names = [n for n in skel.ckpt.where if skel.ckpt.where[n] == shard] + ([head] if shard == head_shard else [])
-            entries = {n: (_out_dtype(skel, skel.ckpt.dtypes[emb_name if n == head else n]),
-                           skel.ckpt.shapes[emb_name if n == head else n]) for n in names}
-            with _Rows(skel.ckpt.root) as read, TensorFileWriter(tmp / shard, entries, {"format": "pt"}) as f:
-                for name in f.order:
-                    for piece in pieces(read, name, shard):
-                        _check_finite(skel, name, piece)
-                        f.write(name, piece)
-            check_safetensors(tmp / shard)
-            weight_map.update(dict.fromkeys(entries, shard))
-            size += sum(f.sizes.values())
+        total = sum(math.prod(skel.ckpt.shapes[n]) * _out_dtype(skel, skel.ckpt.dtypes[n]).itemsize
+                    for n in [*skel.ckpt.where, *([emb_name] if untied else [])])
+        with tqdm(total=total, desc="streamed bake", leave=False, unit="B", unit_scale=True) as bar:
+            for shard in skel.ckpt.shards:
+                names = [n for n in skel.ckpt.where if skel.ckpt.where[n] == shard]
+                names += [head] if shard == head_shard else []
+                entries = {n: (_out_dtype(skel, skel.ckpt.dtypes[emb_name if n == head else n]),
+                               skel.ckpt.shapes[emb_name if n == head else n]) for n in names}
+                with _Rows(skel.ckpt.root) as read, TensorFileWriter(tmp / shard, entries, {"format": "pt"}) as f:
+                    for name in f.order:
+                        for piece in pieces(read, name, shard):
+                            _check_finite(skel, name, piece)
+                            f.write(name, piece)
+                            bar.update(piece.nbytes)
+                check_safetensors(tmp / shard)
+                weight_map.update(dict.fromkeys(entries, shard))
+                size += sum(f.sizes.values())
         assert not ready, f"edited but not written: {sorted(ready)}"
         if skel.ckpt.sharded:
             index = {"metadata": {"total_parameters": skel.model.num_parameters(), "total_size": size},
