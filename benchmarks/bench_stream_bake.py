@@ -12,8 +12,9 @@ the same tensors, byte for byte (compared tensor by tensor).
 MODEL_DIR is a local Hugging Face directory of safetensors weights. --reshard SIZE first copies it
 in shards of at most SIZE (tensor by tensor, never the whole model in memory). The streamed bake
 reads and writes a block of rows at a time, so a single-file model needs no reshard
-(benchmarks/results/stream-bake-single-file-reference.json: 906 MB peak on one 2.4 GB file). Without --direction: a random unit
-direction at the middle layer (memory and time do not depend on which one).
+(benchmarks/results/stream-bake-single-file-reference.json: 906 MB peak on one 2.4 GB file).
+Without --direction: a random unit direction at the middle layer (memory and time do not depend on
+which one).
 """
 
 from __future__ import annotations

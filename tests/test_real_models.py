@@ -145,8 +145,8 @@ STREAM_RUN = dict(n_train=16, n_eval_harmful=6, n_eval_harmless=6, max_new_token
 
 
 def test_run_stream_under_a_quarter_of_the_weights_measures_what_memory_measures(qwen_dir, tmp_path):
-    """run --stream --max-memory 512MB on the reference model (2.5 GB of weights in one file) in a child process, whose peak
-    resident set is its own: every stage streamed, the peak under the budget plus 1 GB, and the figures it
+    """run --stream --max-memory 512MB on the reference model (2.5 GB of weights, one file) in a child process,
+    whose peak resident set is its own: every stage streamed, the peak under the budget plus 1 GB, and the figures it
     printed are an in-memory evaluation's of the original and of its output on the same prompts. Small sizes
     and the layer given (CI's minutes; the selection streamed == in memory is test_streamed_find.py's)."""
     import subprocess
