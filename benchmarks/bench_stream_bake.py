@@ -55,12 +55,8 @@ def measure(argv: list[str], script: str = __file__) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
-
-
 def reshard(src: Path, dst: Path, size: int) -> Path:
     """A copy of `src` in shards of at most `size` bytes (a larger tensor alone), one shard in memory at a time."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from abliterate.export.streamed import INDEX, Checkpoint
@@ -68,9 +64,7 @@ def reshard(src: Path, dst: Path, size: int) -> Path:
     ckpt = Checkpoint.open(src)
     groups, used = [[]], 0
     for name in ckpt.where:
-        with safe_open(str(src / ckpt.where[name]), "pt") as f:
-            dtype = f.get_slice(name).get_dtype()
-        nbytes = BYTES[dtype] * math.prod(ckpt.shapes[name])
+        nbytes = ckpt.dtypes[name].itemsize * math.prod(ckpt.shapes[name])
         if groups[-1] and used + nbytes > size:
             groups.append([])
             used = 0
