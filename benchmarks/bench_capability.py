@@ -32,6 +32,8 @@ import torch
 from abliterate import RunConfig
 from abliterate.commands.steps import find_direction, load
 from abliterate.edit.project import ablated
+from abliterate.edit.weighted import ablating
+from abliterate.export.outputs import read_edit
 from abliterate.measure.capability import (
     Scores,
     question_text,
@@ -43,6 +45,8 @@ from abliterate.measure.capability import compare as compare_scores
 from abliterate.model import packaged as reference
 
 ROOT = Path(__file__).resolve().parents[1]
+# the reference model is at chance on MMLU; the packaged 1.5B Qwen2.5-Coder is not (docs/measure.md)
+MODELS = {"reference": reference.QWEN_CODER_05B, "qwen-1.5b": reference.QWEN_CODER_15B}
 
 
 def joint_tokenization_agrees(tokenizer, items) -> float:
@@ -60,11 +64,12 @@ def _summary(s: Scores) -> dict:
 def run_part(part: str, args, items, dev) -> dict:
     """Score the original or the edit (the default run's direction, by hooks) in this process."""
     t0, started = time.perf_counter(), time.time()
-    model_dir = reference.hf_dir(progress=lambda m: print(m, file=sys.stderr))
-    cfg = RunConfig()
+    packaged = MODELS[args.model]
+    model_dir = reference.hf_dir(packaged, progress=lambda m: print(m, file=sys.stderr))
+    cfg = RunConfig(dtype=args.dtype)
     loaded, layout = load(str(model_dir), cfg)
     model, tok = loaded.model, loaded.tokenizer
-    out = {"model": reference.QWEN_CODER_05B.name, "device": str(next(model.parameters()).device),
+    out = {"model": packaged.name, "device": str(next(model.parameters()).device),
            "dtype": str(next(model.parameters()).dtype), "threads": torch.get_num_threads(),
            "letter_tokens": {x: tok(f" {x}", add_special_tokens=False).input_ids for x in "ABCD"},
            "joint_tokenization_agrees": joint_tokenization_agrees(tok, items),
@@ -77,11 +82,17 @@ def run_part(part: str, args, items, dev) -> dict:
         print(f"original: {before.accuracy} in {before.seconds:.0f} s", file=sys.stderr)
     if part in ("both", "edited"):
         t0 = time.perf_counter()
-        direction, _, _ = find_direction(loaded, layout, cfg)
+        if args.manifest:  # a run's edit (a searched run's chosen one), by hooks
+            direction, ablation, _ = read_edit(Path(args.manifest))
+            edit = ablating(model, ablation, layout) if ablation else ablated(model, direction, layout)
+            out["edit"] = {"manifest": str(args.manifest), "weighted": ablation is not None}
+        else:  # the default run's edit
+            direction, _, _ = find_direction(loaded, layout, cfg)
+            edit = ablated(model, direction, layout)
         out["direction"] = {"layer": direction.layer, "position": direction.position,
                             "projected": direction.projected, "seconds": round(time.perf_counter() - t0, 1)}
         print(f"direction at layer {direction.layer}; scoring the edit", file=sys.stderr)
-        with ablated(model, direction, layout):
+        with edit:
             after = score(model, tok, items, desc="edited", **kw)
         out["edited"] = {**_summary(after), "predicted": after.predicted}
         print(f"edited: {after.accuracy} in {after.seconds:.0f} s", file=sys.stderr)
@@ -92,6 +103,9 @@ def run_part(part: str, args, items, dev) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "capability"))
+    parser.add_argument("--model", choices=sorted(MODELS), default="reference",
+                        help="a packaged model: the 0.5B reference, or Qwen2.5-Coder-1.5B-Instruct")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     parser.add_argument("--n", type=int, default=1000, help="stratified sample of MMLU test items")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shots", type=int, default=5)
@@ -102,6 +116,8 @@ def main() -> int:
     parser.add_argument("--part", choices=["both", "original", "edited"], default="both",
                         help="score one model only and print its part (run two processes on a shared machine, "
                              "then --combine)")
+    parser.add_argument("--manifest", help="score this run's edit (its manifest.json; a searched run's chosen "
+                        "edit) instead of the default run's direction")
     parser.add_argument("--combine", nargs="+", metavar="PART.json", help="build the report from saved parts")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -113,7 +129,8 @@ def main() -> int:
     else:
         parts = [run_part(args.part, args, items, dev)]
         if args.part != "both":
-            print(json.dumps({"part": args.part, "n": args.n, "seed": args.seed, "shots": args.shots, "protocol": args.protocol,
+            print(json.dumps({"part": args.part, "model_choice": args.model, "dtype_choice": args.dtype, "n": args.n,
+                              "seed": args.seed, "shots": args.shots, "protocol": args.protocol,
                               **parts[0]}))
             return 0
     merged = {k: v for p in parts for k, v in p.items()}

@@ -17,7 +17,8 @@ each change paired (Newcombe interval, McNemar's exact p):
   chance on the reference model, 32/114 -> 31/114 under this damage, `damaged-random-w4-reference.json`);
 - a few damaged answers to read.
 
-    python benchmarks/bench_damaged.py [--model qwen|smollm] [--weight 4] [--n-harmful 16] [--n-long 8]
+    python benchmarks/bench_damaged.py [--model qwen|smollm|qwen-1.5b] [--dtype float32] [--weight 4]
+        [--n-harmful 16] [--n-long 8]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from abliterate.model.load import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT.parent / "shared" / "data" / "prompts"
-MODELS = {"qwen": reference.QWEN_CODER_05B, "smollm": reference.SMOLLM2_135M}
+MODELS = {"qwen": reference.QWEN_CODER_05B, "smollm": reference.SMOLLM2_135M, "qwen-1.5b": reference.QWEN_CODER_15B}
 
 
 def damage(layout, weight: float, seed: int = 0) -> Ablation:
@@ -60,8 +61,8 @@ def progress(message: str) -> None:
 
 
 def model_path(name: str) -> str:
-    if name == "qwen":
-        return str(reference.hf_dir(progress=progress))
+    if name.startswith("qwen"):
+        return str(reference.hf_dir(MODELS[name], progress=progress))
     return str(reference.fetch(MODELS[name], progress=progress))
 
 
@@ -74,6 +75,7 @@ def marker_counts(before: list[str], after: list[str]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="qwen")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     parser.add_argument("--weight", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-harmful", type=int, default=16)
@@ -86,7 +88,7 @@ def main() -> int:
     parser.add_argument("--protocol", choices=["cloze", "letter"], default="cloze")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    loaded = load_model(model_path(args.model))
+    loaded = load_model(model_path(args.model), dtype=args.dtype)
     model, tok = loaded.model, loaded.tokenizer
     layout = resolve(model)
     harmful = load_prompts(str(PROMPTS / "harmful_val.json")).head(args.n_harmful)
@@ -121,7 +123,7 @@ def main() -> int:
         after_cap = capability.score(model, tok, cap_items, **cap_kw) if cap_items else None
     timings["damaged_s"] = round(time.perf_counter() - t, 1)
     effects = long.compare(long_sets, long_after, long_before, tokens=args.long_tokens, head=args.max_new_tokens)
-    out = {"model": MODELS[args.model].name,
+    out = {"model": MODELS[args.model].name, "dtype": args.dtype,
            "damage": f"random unit direction (seed {args.seed}), weight {args.weight}, every writer and the embeddings",
            "refusals_markers_only": marker_counts(before.harmful.text, after.harmful.text),
            "refusals_evaluation": {"original": str(before.metrics.rates["refusals"]),
