@@ -126,6 +126,14 @@ def project(x: torch.Tensor, basis: torch.Tensor, weight: float) -> torch.Tensor
     return x - weight * (x @ basis.T) @ basis
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` as float32 in memory of its own. A matrix product's last bits depend on where its operand starts (on an
+    AVX-512 CPU, rows that start 8 bytes past a 64-byte boundary are summed in another order), and a tensor read
+    from a safetensors file starts wherever the file put it (8-byte aligned); torch's allocator aligns to 64. So
+    both bakes compute on a copy, and the streamed one writes the in-memory one's bits whatever the file."""
+    return t.to(torch.float32, copy=True)
+
+
 def _norm_scales(writer: Writer, basis: torch.Tensor, weight: float, mode: str) -> torch.Tensor:
     """The fixed scale that gives the edited weight back its original norms: (H,) for rows, (in,) for columns.
 
@@ -133,7 +141,7 @@ def _norm_scales(writer: Writer, basis: torch.Tensor, weight: float, mode: str) 
     "column" keeps the norm of each input feature's written vector. Embeddings are
     (tokens, H): a column is one token's embedding.
     """
-    wm = writer.param.data.movedim(writer.out_dim, -1).float()  # (..., H)
+    wm = _aligned(writer.param.data.movedim(writer.out_dim, -1))  # (..., H)
     wm = wm.reshape(-1, wm.shape[-1])  # (in, H)
     edited = project(wm, basis.to(wm.device), weight)
     axis = 0 if mode == "row" else 1
@@ -227,7 +235,7 @@ class WriterEdit:
         """In place: rows `start`, `start + 1`, ... of a writer whose residual axis is the last (a (tokens, H)
         embedding, a (in, H) view of a matrix), or a (H,) bias; one of `apply_`'s blocks. The streamed bake calls
         this on the blocks it reads from disk, with `apply_`'s block boundaries, so it writes `apply_`'s bits."""
-        x = project(block.float(), self.basis.to(block.device), self.weight)
+        x = project(_aligned(block), self.basis.to(block.device), self.weight)
         if self.norm == "row":
             x = x * self.scales.to(block.device)
         elif self.norm == "column" and block.dim() == 2:  # a bias has no input features to scale
