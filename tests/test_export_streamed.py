@@ -311,3 +311,20 @@ def test_stream_refuses_a_checkpoint_that_does_not_fill_the_model(capsys, tmp_pa
     save_file({k: v for k, v in load_file(shard).items() if k != victim}, str(shard), metadata={"format": "pt"})
     code, _, err = run_cli(capsys, "apply", src, "--direction", d, "-o", tmp_path / "out", "--stream")
     assert_clean_error(code, err, "lacks 1 of the model's", tmp_path / "out")
+
+
+def test_the_edit_does_not_depend_on_where_the_weights_start(monkeypatch):
+    """A tensor read from a safetensors file starts 8-byte aligned, one torch allocates 64-byte aligned, and on an
+    AVX-512 CPU a matrix product of rows 8 bytes past a 64-byte boundary sums in another order: the edit must
+    write the same bits from both (the streamed bake reads blocks from the file, the in-memory one edits the
+    loaded model)."""
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randn(512 * 64 + 16, generator=g)
+    start = next(i for i in range(16) if (buf.data_ptr() + 4 * i) % 64 == 8)  # 8 bytes past a 64-byte boundary
+    misaligned = buf[start:start + 512 * 64].view(512, 64)
+    aligned = misaligned.clone()
+    assert aligned.data_ptr() % 64 == 0 and misaligned.data_ptr() % 64 == 8
+    basis = torch.nn.functional.normalize(torch.randn(1, 64, generator=g), dim=1)
+    edit = weighted.WriterEdit(basis, 1.0)
+    monkeypatch.setattr(weighted, "BLOCK_BYTES", 4 * 4 * 64)  # blocks of 4 rows, as in the tests above
+    assert _same_bytes(edit.apply_(misaligned, 1), edit.apply_(aligned, 1))
