@@ -8,6 +8,10 @@ stratified sample of MMLU test items, few-shot, by log-likelihood of the answer 
 Newcombe's interval and the exact McNemar p, the same per MMLU group, wall time and tokens per second.
 
     python benchmarks/bench_capability.py [--n 1000] [--shots 5] [--data ../shared/data/capability]
+    python benchmarks/bench_capability.py --model qwen-1.5b --dtype bfloat16 [--manifest RUN/manifest.json]
+
+`--model qwen-1.5b` scores the packaged Qwen2.5-Coder-1.5B-Instruct, on which MMLU resolves; `--manifest` scores
+a run's saved edit (a searched run's chosen one) instead of the default run's direction.
 
 On a shared CPU, score the two models in two single-threaded processes (`--part original`, `--part edited`,
 each printing its part as JSON) and join them with `--combine ORIGINAL.json EDITED.json`. A part whose
@@ -134,8 +138,10 @@ def main() -> int:
                               **parts[0]}))
             return 0
     merged = {k: v for p in parts for k, v in p.items()}
-    for p in parts:  # parts of one report: same sample, same protocol
+    for p in parts:  # parts of one report: same model and dtype, same sample, same protocol
         assert all(p.get(k, getattr(args, k)) == getattr(args, k) for k in ("n", "seed", "shots", "protocol")), p.keys()
+        assert (p.get("model_choice", args.model), p.get("dtype_choice", args.dtype)) == (args.model, args.dtype), \
+            f"a part of {p.get('model_choice')} in {p.get('dtype_choice')}: give the same --model and --dtype"
     report = {k: v for k, v in merged.items() if k not in ("part", "original", "edited")}
     report.update(
         protocol=f"MMLU, lm-eval format, {args.shots}-shot (dev exemplars of the same subject), plain text, " + (
