@@ -16,6 +16,7 @@ from .errors import AbliterateError
 from .export.gguf_copy import check_gguf_types
 from .export.hf import check_size
 from .model.load import check_device, check_dtype
+from .model.mapped import check_device_map
 from .model.streamed import parse_memory
 from .search.space import OPTIONS, parse_options
 
@@ -121,6 +122,11 @@ class RunConfig:
     batch_size: int = opt(32, "prompts per forward pass")
     device: str | None = opt(None, "cuda, mps or cpu (default: the best available)")
     dtype: str = opt("auto", "float32, bfloat16 or float16 (default: float32 on CPU, bf16/fp16 on GPU)")
+    device_map: str | None = opt(None, "spread the model over the GPUs, the CPU and the disk with accelerate: auto, "
+                                 "balanced, balanced_low_0 or sequential (a model directory or hub id); run then "
+                                 "edits by hooks and bakes shard by shard from the source directory")
+    device_memory: str | None = opt(None, "with --device-map: the budget of each device, accelerate's max_memory, "
+                                    "e.g. 0=20GB,1=20GB,cpu=64GB (default: what each device has free)")
     allow_pickle: bool = opt(False, "allow loading pickle (.bin) weights, which can run code")
     trust_remote_code: bool = opt(False, "allow the model's own Python code from the hub")
     arch_spec: str | None = opt(None, "JSON file describing the residual writers of an unsupported architecture")
@@ -144,6 +150,13 @@ class RunConfig:
                                       + (", or leave the option out" if f.default is None else ""))
         check_device(self.device)
         check_dtype(self.dtype)
+        check_device_map(self.device_map, self.device_memory, self.device)
+        if self.device_map is not None and (self.stream or self.max_memory is not None):
+            raise AbliterateError("--device-map and --stream/--max-memory are two ways to run a model bigger than "
+                                  "memory: accelerate's offload, or abliterate's block-by-block stream; give one")
+        if self.device_map is not None and self.search:
+            raise AbliterateError("run --search does not run on a --device-map model (its trials bake in memory); "
+                                  "leave out --device-map, or find a plain direction with --device-map")
         if self.tasks_limit is not None and self.tasks_limit < 1:
             raise AbliterateError(f"--tasks-limit must be at least 1, got {self.tasks_limit}; or leave it out")
         if self.capability_protocol not in ("letter", "cloze"):

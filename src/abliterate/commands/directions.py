@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..config import ConceptOptions, DirectionsOptions, RunConfig
 from ..find.prompts import load_prompts
 from ..show.tables import selection_table
-from .options import MODEL, PROMPTS, SELECT, STREAM, add_options, run_config
+from .options import MAPPED, MODEL, PROMPTS, SELECT, STREAM, add_options, run_config
 from .steps import (
     chat_format,
     compute_candidates,
@@ -24,7 +24,7 @@ def mount(sub) -> None:
     p = sub.add_parser("directions", help="compute candidate directions and select one",
                        description="Example: abliterate directions ./model -o refusal.safetensors")
     add_options(p, DirectionsOptions)
-    add_options(p, RunConfig, MODEL + PROMPTS + SELECT + STREAM + ("force",))
+    add_options(p, RunConfig, MODEL + PROMPTS + SELECT + STREAM + MAPPED + ("force",))
     p.set_defaults(func=directions)
 
     p = sub.add_parser("concept", help="a direction from any two contrastive prompt sets, for steering",

@@ -41,7 +41,7 @@ from ..show.tables import (
     metrics_table,
     samples_text,
 )
-from .options import CAPABILITY, EVAL, JUDGE, LONG, MODEL, add_options, run_config
+from .options import CAPABILITY, EVAL, JUDGE, LONG, MAPPED, MODEL, add_options, run_config
 from .steps import (
     capability_items,
     capability_record,
@@ -218,7 +218,7 @@ def mount(sub) -> None:
     p = sub.add_parser("eval", help="refusals, over-refusals and KL of a model, alone or against another",
                        description="Example: abliterate eval ./out --original ./model")
     add_options(p, EvalOptions)
-    add_options(p, RunConfig, MODEL + EVAL + CAPABILITY + LONG + JUDGE + ("force", "allow_overlap"))
+    add_options(p, RunConfig, MODEL + MAPPED + EVAL + CAPABILITY + LONG + JUDGE + ("force", "allow_overlap"))
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("verify-gguf", help="refusals, over-refusals and KL of a GGUF, run in llama.cpp itself",

@@ -18,6 +18,7 @@ MODEL = ("device", "dtype", "allow_pickle", "trust_remote_code", "arch_spec", "b
 PROMPTS = ("harmful", "harmless", "column", "n_train", "n_select", "system_prompt", "plain_prompts", "seed")
 SELECT = ("positions", "projected", "layer", "min_layer_frac", "max_layer_frac", "select_kl_max")
 STREAM = ("stream", "max_memory")
+MAPPED = ("device_map", "device_memory")
 EVAL = ("eval_harmful", "eval_harmless", "n_eval_harmful", "n_eval_harmless", "max_new_tokens", "kl_tokens",
         "system_prompt", "plain_prompts", "column")
 SAVE = ("shard_size", "force", "gguf_type", "gguf_fallback_type")

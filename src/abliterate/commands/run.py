@@ -6,7 +6,9 @@
     4. difference-of-means candidates       find.directions.Candidates
     5. select a direction                   find.selection.select
        (--stream, or --max-memory under the weights' size: every step one decoder block at a time, model.streamed;
-       the bake shard by shard, export.streamed, and the edited model evaluated from the shards it wrote)
+       the bake shard by shard, export.streamed, and the edited model evaluated from the shards it wrote;
+       --device-map: the model spread over GPUs, CPU and disk by accelerate, model.mapped, the edit evaluated by
+       hooks and baked shard by shard from the source, export.streamed)
     6. evaluate the original                measure.evaluation.evaluate
     7. orthogonalize the weights            edit.project.orthogonalize_
     8. evaluate the edited model            measure.evaluation.evaluate
@@ -18,12 +20,14 @@ With --search, steps 4-5 and 7 become: per-prompt activations -> search.study.ru
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -238,6 +242,9 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
     to_gguf = is_gguf(out)
     if out is not None:  # before the slow load: the input itself as output, an existing output
         check_model_output(out, source, cfg.force, cfg.gguf_type)
+    mapped = cfg.device_map is not None
+    if mapped:
+        check_mapped_run(source, out)
     judge = load_judge(cfg)  # before the model: a --judge that cannot load stops here, with nothing written
     selection = searched = None
     streamed = open_streamed(source, cfg)  # --stream or --max-memory: every step one block at a time
@@ -258,54 +265,129 @@ def run(source: str, out: str | Path | None, cfg: RunConfig | None = None) -> Ru
                       else run_capability(loaded, cfg, cap) if cap else None)  # a search scored it for its finalists
         tasks_before = run_harness(loaded, cfg, tasks) if tasks else None
         long_before = run_long(loaded, cfg, long_sets) if long_sets else None
-    with timer("orthogonalize"):
-        edited = apply_ablation_(loaded.model, searched.ablation, layout) if searched else bake(loaded, layout, direction)
-    with timer("evaluate edited"):
-        after = run_eval(loaded, cfg, eval_harmful, eval_harmless, reference=before)
-        cap_after = run_capability(loaded, cfg, cap) if cap else None
-        retention = compare(cap_before, cap_after) if cap else None
-        lm_eval = harness.compare(tasks_before, run_harness(loaded, cfg, tasks)) if tasks else None
-        long_effects = long.compare(long_sets, run_long(loaded, cfg, long_sets), long_before, tokens=cfg.long_tokens,
-                                    head=cfg.max_new_tokens) if long_sets else None
-    judged = None
-    if judge is not None:
-        with timer("judge"):
-            judged = run_judge(judge, cfg, after, before, long_effects)
-        del judge
-    manifest = manifest_for(loaded, cfg, direction, selection, before, after, edited, timer.stages,
-                            split_rec.to_dict(overlap))
-    if retention is not None:
-        manifest["capability"] = {**capability_record(cap, cap_before), **retention.to_dict()}
-    if lm_eval is not None:
-        manifest["lm_eval"] = lm_eval
-    if long_effects is not None:
-        manifest["metrics"]["long"] = long_effects.to_dict()
-    if judged is not None:
-        manifest["metrics"]["judge"] = judged.to_dict()
-    if searched:
-        manifest["search"] = search_manifest(searched)
-    report = run_report(source, direction, before, after, selection, timer.stages, note=overlap.note(),
-                        long_answers=long_effects, judge=judged,
-                        capability=(retention, cap_before, cap_after) if cap else None)
-    saved = None
-    if to_gguf:
-        with timer("save"):
-            saved = save_gguf(loaded, layout, out, direction, edited, manifest, cfg, cands=cands, report=report,
-                              searched=searched)
-    elif out is not None:
-        with timer("save"):
-            def extra(tmp: Path) -> None:
-                direction.save(tmp / DIRECTION, cands)
-                for rel, ablation in (search_files(searched) if searched else {}).items():
-                    ablation.save(tmp / rel)
-                (tmp / METRICS).write_text(to_json(manifest["metrics"]))
-                (tmp / GENERATIONS).write_text(to_json(side_by_side(before, after, long_effects)))
-                (tmp / REPORT).write_text(report)
+    paths = None
+    if mapped:
+        from ..model.mapped import where
 
-            saved = save_model(loaded, out, manifest=manifest, extra=extra, shard_size=cfg.shard_size,
-                               force=cfg.force)
+        paths = {"load": f"--device-map {cfg.device_map}: {where(loaded.model)} (accelerate)",
+                 "orthogonalize and save": "shard by shard from the source's files" + (
+                     "" if out is not None else " (no -o: into a temporary directory, removed)"),
+                 "evaluate edited": f"the shards just written, loaded with --device-map {cfg.device_map}"}
+        for name, how in paths.items():
+            log.warning("%s: %s", name, how)
+    else:
+        with timer("orthogonalize"):
+            edited = apply_ablation_(loaded.model, searched.ablation, layout) if searched else \
+                bake(loaded, layout, direction)
+
+    def evaluate_edited(model: Loaded) -> tuple:
+        """Step 8 on the edited `model`, and the manifest and report of the run."""
+        with timer("evaluate edited"):
+            after = run_eval(model, cfg, eval_harmful, eval_harmless, reference=before)
+            cap_after = run_capability(model, cfg, cap) if cap else None
+            retention = compare(cap_before, cap_after) if cap else None
+            lm_eval = harness.compare(tasks_before, run_harness(model, cfg, tasks)) if tasks else None
+            long_effects = long.compare(long_sets, run_long(model, cfg, long_sets), long_before,
+                                        tokens=cfg.long_tokens, head=cfg.max_new_tokens) if long_sets else None
+        judged = None
+        if judge is not None:
+            with timer("judge"):
+                judged = run_judge(judge, cfg, after, before, long_effects)
+        manifest = manifest_for(loaded, cfg, direction, selection, before, after, edited, timer.stages,
+                                split_rec.to_dict(overlap))
+        if retention is not None:
+            manifest["capability"] = {**capability_record(cap, cap_before), **retention.to_dict()}
+        if lm_eval is not None:
+            manifest["lm_eval"] = lm_eval
+        if long_effects is not None:
+            manifest["metrics"]["long"] = long_effects.to_dict()
+        if judged is not None:
+            manifest["metrics"]["judge"] = judged.to_dict()
+        if searched:
+            manifest["search"] = search_manifest(searched)
+        if paths:
+            manifest["paths"] = paths
+        report = run_report(source, direction, before, after, selection, timer.stages, note=overlap.note(),
+                            long_answers=long_effects, judge=judged,
+                            capability=(retention, cap_before, cap_after) if cap else None,
+                            facts={"how each stage ran": "; ".join(f"{k}: {v}" for k, v in paths.items())}
+                            if paths else None)
+        return after, retention, long_effects, judged, manifest, report
+
+    def extra(tmp: Path) -> None:
+        direction.save(tmp / DIRECTION, cands)
+        for rel, ablation in (search_files(searched) if searched else {}).items():
+            ablation.save(tmp / rel)
+        (tmp / METRICS).write_text(to_json(manifest["metrics"]))
+        (tmp / GENERATIONS).write_text(to_json(side_by_side(before, after, long_effects)))
+        (tmp / REPORT).write_text(report)
+
+    saved = None
+    if mapped:  # offloaded weights are on the meta device: the bake reads the source's shards, and the edited
+        # model is measured from the shards it wrote (the bake, not the hooks: behind Gemma's post-norms they differ)
+        from ..export.streamed import open_skeleton, save_streamed
+
+        ablation = plain(direction, layout.n_layers)
+        edited = edited_names(ablation, layout)
+        skel = open_skeleton(source, cfg)
+        info: dict = {}
+        start = time.perf_counter()
+
+        def evaluate_written(tmp: Path) -> None:
+            nonlocal after, retention, long_effects, judged, manifest, report, layout
+            timer.stages["orthogonalize"] = time.perf_counter() - start
+            timer.peak("orthogonalize")
+            original = weakref.ref(loaded.model)
+            loaded.model = layout = None  # the original's devices, for the edited model
+            gc.collect()
+            if original() is not None:
+                log.warning("the original model is still referenced: the edited one loads beside it")
+            with timer("evaluate edited"):
+                written, _ = load(str(tmp), cfg)
+            after, retention, long_effects, judged, manifest, report = evaluate_edited(written)
+            del written
+            extra(tmp)
+            info.update(manifest)
+
+        after = retention = long_effects = judged = manifest = report = None
+        if out is not None:
+            saved = save_streamed(skel, ablation, out, manifest=info, extra=evaluate_written, force=cfg.force)
+        else:
+            with tempfile.TemporaryDirectory(prefix="abliterate-run-") as tmp:
+                save_streamed(skel, ablation, Path(tmp) / "edited", manifest=info, extra=evaluate_written)
+        timer.stages["save"] = time.perf_counter() - start - timer.stages["orthogonalize"] - \
+            timer.stages["evaluate edited"] - timer.stages.get("judge", 0.0)
+    else:
+        after, retention, long_effects, judged, manifest, report = evaluate_edited(loaded)
+        if to_gguf:
+            with timer("save"):
+                saved = save_gguf(loaded, layout, out, direction, edited, manifest, cfg, cands=cands, report=report,
+                                  searched=searched)
+        elif out is not None:
+            with timer("save"):
+                saved = save_model(loaded, out, manifest=manifest, extra=extra, shard_size=cfg.shard_size,
+                                   force=cfg.force)
     return RunResult(direction, before, after, selection, saved, timer.stages, manifest, report, searched, retention,
-                     overlap, long_effects, judged, peaks_mb=timer.peaks_mb)
+                     overlap, long_effects, judged, paths=paths, peaks_mb=timer.peaks_mb)
+
+
+def check_mapped_run(source: str, out: str | Path | None) -> None:
+    """Before the load: a --device-map run reads safetensors, and writes a Hugging Face directory baked from a
+    local one's shards."""
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        raise AbliterateError(f"--device-map loads safetensors weights block by block; {source} is a GGUF, which "
+                              f"transformers dequantizes whole: convert it first (abliterate convert {source} "
+                              f"-o DIR), or leave out --device-map")
+    if out is None:
+        return
+    if is_gguf(out):
+        raise AbliterateError(f"run --device-map writes a Hugging Face directory, not {out}: give a directory and "
+                              f"convert it (abliterate convert DIR -o {out}), or leave out --device-map")
+    if not Path(source).expanduser().is_dir():
+        raise AbliterateError(f"run --device-map -o bakes shard by shard from the model's safetensors files, and "
+                              f"{source} is not a local model directory: download it first (hf download {source} "
+                              f"--local-dir DIR) and give DIR, or leave out -o to evaluate only")
 
 
 def run_streamed(sm, source: str, out: str | Path | None, cfg: RunConfig, timer: Timer, sp: Splits, split_rec,

@@ -67,7 +67,12 @@ def load(source: str, cfg: RunConfig) -> tuple[Loaded, Layout]:
     model does not have, before any activation is collected)."""
     spec = ArchSpec.from_json(cfg.arch_spec) if cfg.arch_spec else None
     loaded = load_model(source, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle,
-                        trust_remote_code=cfg.trust_remote_code)
+                        trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map,
+                        device_memory=cfg.device_memory)
+    if cfg.device_map is not None:
+        from ..model.mapped import where
+
+        log.warning("--device-map %s: the model's modules on %s", cfg.device_map, where(loaded.model))
     layout = resolve(loaded.model, spec)
     if cfg.layer is not None:
         check_layer(cfg.layer, layout.n_layers)
@@ -373,15 +378,21 @@ def run_judge(judge: Judge, cfg: RunConfig, after: Evaluation, before: Evaluatio
 def bake(loaded: Loaded, layout: Layout, direction: Direction) -> list[str]:
     """Step 7: orthogonalize in place, then check on a real forward pass that no writer was missed."""
     edited = orthogonalize_(loaded.model, direction, layout)
+    check_removed(loaded, direction, "after orthogonalization")
+    return edited
+
+
+def check_removed(loaded: Loaded, direction: Direction, when: str) -> None:
+    """Raise when the residual stream still carries `direction` (`when`: after the bake, or with the edit's
+    hooks): a module writes to the stream that the architecture spec does not list."""
     left = residual_component(loaded.model, loaded.tokenizer, direction)
     tol = 1e-3 if first_param(loaded.model).dtype == torch.float32 else 2e-2
     if left > tol:
         raise AbliterateError(
-            f"after orthogonalization the residual stream still has a component {left:.2e} along the direction "
+            f"{when} the residual stream still has a component {left:.2e} along the direction "
             f"(tolerance {tol:g}): some module writes to the stream that the architecture spec does not list. "
             f"Describe it with --arch-spec"
         )
-    return edited
 
 
 def write_report(args, report: str) -> None:

@@ -50,10 +50,10 @@ def added(model: nn.Module, vector: torch.Tensor, layer: int, layout: Layout | N
     param = first_param(model)
     v = vector.to(param.device, param.dtype)
 
-    def pre_hook(module, args, kwargs):
+    def pre_hook(module, args, kwargs):  # on the block's device (a device-mapped model's blocks sit on several)
         if args:
-            return (args[0] + v,) + args[1:], kwargs
-        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + v}
+            return (args[0] + v.to(args[0].device),) + args[1:], kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + v.to(kwargs["hidden_states"].device)}
 
     handle = layout.blocks[layer].module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
@@ -84,10 +84,10 @@ def residual_component(model: nn.Module, tokenizer, direction: Direction, text: 
     param = first_param(model)
     enc = tokenizer(text, return_tensors="pt").to(param.device)
     out = model(**enc, output_hidden_states=True, use_cache=False, logits_to_keep=1)
-    r = direction.vector.to(param.device, torch.float32)
+    r = direction.vector.float()
     worst = 0.0
-    for h in out.hidden_states[:n_layers]:
-        h = h.float()
+    for h in out.hidden_states[:n_layers]:  # each on its block's device (several, for a device-mapped model)
+        h = h.float().cpu()
         ratio = ((h @ r).abs() / h.norm(dim=-1).clamp_min(1e-6)).max().item()
         worst = max(worst, ratio)
     return worst

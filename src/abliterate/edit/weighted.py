@@ -150,18 +150,25 @@ def _norm_scales(writer: Writer, basis: torch.Tensor, weight: float, mode: str) 
 
 @contextmanager
 def ablating(model: nn.Module, ablation: Ablation, layout: Layout):
-    """Within the block, `model` runs with `ablation` applied by hooks. Weights untouched; hooks removed on exit."""
+    """Within the block, `model` runs with `ablation` applied by hooks. Weights untouched; hooks removed on exit.
+
+    Each hook works on the device its module's output comes out on (a device-mapped model's blocks sit on several:
+    `model.mapped`), with its basis and scales copied there once."""
     ablation.check(layout)
     param = first_param(model)
     handles = []
     try:
         for module, writers, basis, weight, _ in _groups(ablation, layout):
-            u = basis.to(param.device, param.dtype)
+            u = _Placed(basis.to(param.device, param.dtype))
             row = col = None
+            if ablation.norm != "none" and any(w.param.is_meta for w in writers):
+                raise AbliterateError(f"the norm-preserving ablation ({ablation.norm}) needs the weights of "
+                                      f"{writers[0].name}, which are offloaded (--device-map); run it where the "
+                                      f"model fits the devices, or choose an edit without norm preservation")
             if ablation.norm == "row":
-                row = _norm_scales(_matrix(writers), basis, weight, "row").to(param.device, param.dtype)
+                row = _Placed(_norm_scales(_matrix(writers), basis, weight, "row").to(param.device, param.dtype))
             elif ablation.norm == "column":
-                col = _norm_scales(_matrix(writers), basis, weight, "column").to(param.device, param.dtype)
+                col = _Placed(_norm_scales(_matrix(writers), basis, weight, "column").to(param.device, param.dtype))
             handles.append(module.register_forward_hook(_output_hook(u, weight, row, col, module)))
             if col is not None and not isinstance(module, nn.Embedding):
                 handles.append(module.register_forward_pre_hook(_input_hook(col)))
@@ -171,23 +178,36 @@ def ablating(model: nn.Module, ablation: Ablation, layout: Layout):
             h.remove()
 
 
-def _output_hook(u, weight, row, col, module):
+class _Placed:
+    """A tensor and its copies on the devices asked for (`at(device)`), each made once."""
+
+    def __init__(self, t: torch.Tensor):
+        self.copies = {t.device: t}
+        self.first = t
+
+    def at(self, device: torch.device) -> torch.Tensor:
+        if device not in self.copies:
+            self.copies[device] = self.first.to(device)
+        return self.copies[device]
+
+
+def _output_hook(u: _Placed, weight, row: _Placed | None, col: _Placed | None, module):
     embedding = isinstance(module, nn.Embedding)
 
     def hook(mod, args, output):
         y = output[0] if isinstance(output, tuple) else output
         if col is not None and embedding:  # a column of an embedding is one token's vector
-            y = y * col[args[0]].unsqueeze(-1)
-        y = project(y, u, weight)
+            y = y * col.at(y.device)[args[0].to(y.device)].unsqueeze(-1)
+        y = project(y, u.at(y.device), weight)
         if row is not None:
-            y = y * row
+            y = y * row.at(y.device)
         return (y,) + output[1:] if isinstance(output, tuple) else y
     return hook
 
 
-def _input_hook(col):
+def _input_hook(col: _Placed):
     def hook(mod, args):
-        return (args[0] * col,) + args[1:]
+        return (args[0] * col.at(args[0].device),) + args[1:]
     return hook
 
 

@@ -39,7 +39,8 @@ def collect(model, tokenizer, texts: list[str], *, n_positions: int, batch_size:
         tokens += int(batch.attention_mask.sum())
         # hidden_states[l] is the input of block l; the last entry (after the
         # final norm in most models) is not a block input and is left out.
-        resid = torch.stack(out.hidden_states[:n_layers], dim=1)[:, :, -n_positions:, :]  # (B, L, P, H)
+        # (B, L, P, H); a device-mapped model's blocks sit on several devices: the states are gathered on one
+        resid = torch.stack([h[:, -n_positions:, :].to(device) for h in out.hidden_states[:n_layers]], dim=1)
         s = resid.double().sum(0)
         total = s if total is None else total + s
         if keep:

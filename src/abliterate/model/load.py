@@ -297,11 +297,14 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    device_map: str | None = None,
+    device_memory: str | None = None,
 ) -> Loaded:
     """Load `source`: a Hugging Face id, a local model directory, or a `.gguf` file.
 
     GGUF weights are dequantized by transformers. Pickle (`.bin`) weights can run
-    code when loaded, so they are refused unless `allow_pickle`.
+    code when loaded, so they are refused unless `allow_pickle`. With `device_map` (accelerate's: auto, balanced,
+    ...), transformers spreads the model over the GPUs, the CPU and the disk (`model.mapped`).
     """
 
     source = str(source)
@@ -318,6 +321,10 @@ def load_model(
                 f"{source} is a file but not a .gguf; pass a model directory, a hub id or a .gguf file"
             )
         check_gguf(path)
+        if device_map is not None:
+            raise AbliterateError(f"--device-map loads safetensors weights block by block; {source} is a GGUF, which "
+                                  f"transformers dequantizes whole: convert it first (abliterate convert {source} "
+                                  f"-o DIR), or leave out --device-map")
         gguf_file = path.resolve()
         local_dir = gguf_file.parent
         load_from, kwargs["gguf_file"] = str(local_dir), gguf_file.name
@@ -348,6 +355,10 @@ def load_model(
         load_from = source
     if gguf_file is None:
         kwargs["use_safetensors"] = None if allow_pickle else True
+    if device_map is not None:
+        from .mapped import load_kwargs
+
+        kwargs.update(load_kwargs(device_map, device_memory))
     try:
         tokenizer = load_tokenizer(load_from, trust_remote_code, gguf_file=kwargs.get("gguf_file"))
         # ignore_mismatched_sizes: wrong shapes come back in the loading info, and check_loading_info
@@ -375,7 +386,9 @@ def load_model(
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.is_quantized = False
-    model.to(dev).eval().requires_grad_(False)
+    if device_map is None:
+        model.to(dev)
+    model.eval().requires_grad_(False)
     return Loaded(model, tokenizer, source, local_dir, gguf_file)
 
 
