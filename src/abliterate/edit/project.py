@@ -19,7 +19,7 @@ from torch import nn
 
 from ..find.directions import Direction
 from ..model.arch import Layout, check_layer, resolve, text_config
-from ..model.forward import first_param
+from ..model.forward import first_param, input_device
 from .weighted import Ablation, ablating, apply_ablation_
 
 
@@ -48,7 +48,7 @@ def added(model: nn.Module, vector: torch.Tensor, layer: int, layout: Layout | N
     layout = layout or resolve(model)
     check_layer(layer, layout.n_layers)
     param = first_param(model)
-    v = vector.to(param.device, param.dtype)
+    v = vector.to(input_device(model), param.dtype)
 
     def pre_hook(module, args, kwargs):  # on the block's device (a device-mapped model's blocks sit on several)
         if args:
@@ -81,8 +81,7 @@ def residual_component(model: nn.Module, tokenizer, direction: Direction, text: 
     was missed shows up here, so the pipeline checks it instead of trusting the spec.
     """
     n_layers = text_config(model).num_hidden_layers
-    param = first_param(model)
-    enc = tokenizer(text, return_tensors="pt").to(param.device)
+    enc = tokenizer(text, return_tensors="pt").to(input_device(model))
     out = model(**enc, output_hidden_states=True, use_cache=False, logits_to_keep=1)
     r = direction.vector.float()
     worst = 0.0

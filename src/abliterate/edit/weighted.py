@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import AbliterateError
 from ..export.files import load_tensors, save_tensors
 from ..model.arch import Layout, Writer, text_config
-from ..model.forward import first_param
+from ..model.forward import first_param, input_device
 
 # The bake edits a writer in blocks of rows of at most this many float32 bytes (`WriterEdit.apply_`).
 BLOCK_BYTES = 64 << 20
@@ -156,19 +156,20 @@ def ablating(model: nn.Module, ablation: Ablation, layout: Layout):
     `model.mapped`), with its basis and scales copied there once."""
     ablation.check(layout)
     param = first_param(model)
+    device = input_device(model)  # not the meta device of a model offloaded whole
     handles = []
     try:
         for module, writers, basis, weight, _ in _groups(ablation, layout):
-            u = _Placed(basis.to(param.device, param.dtype))
+            u = _Placed(basis.to(device, param.dtype))
             row = col = None
             if ablation.norm != "none" and any(w.param.is_meta for w in writers):
                 raise AbliterateError(f"the norm-preserving ablation ({ablation.norm}) needs the weights of "
                                       f"{writers[0].name}, which are offloaded (--device-map); run it where the "
                                       f"model fits the devices, or choose an edit without norm preservation")
             if ablation.norm == "row":
-                row = _Placed(_norm_scales(_matrix(writers), basis, weight, "row").to(param.device, param.dtype))
+                row = _Placed(_norm_scales(_matrix(writers), basis, weight, "row").to(device, param.dtype))
             elif ablation.norm == "column":
-                col = _Placed(_norm_scales(_matrix(writers), basis, weight, "column").to(param.device, param.dtype))
+                col = _Placed(_norm_scales(_matrix(writers), basis, weight, "column").to(device, param.dtype))
             handles.append(module.register_forward_hook(_output_hook(u, weight, row, col, module)))
             if col is not None and not isinstance(module, nn.Embedding):
                 handles.append(module.register_forward_pre_hook(_input_hook(col)))

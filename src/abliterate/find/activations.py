@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.arch import text_config
-from ..model.forward import batches, first_param, forward
+from ..model.forward import batches, forward, input_device
 from ..model.streamed import Stream
 
 
@@ -31,7 +31,7 @@ class Activations:
 def collect(model, tokenizer, texts: list[str], *, n_positions: int, batch_size: int,
             keep: bool = False, desc: str | None = "activations") -> Activations:
     n_layers = text_config(model).num_hidden_layers
-    device = first_param(model).device
+    device = input_device(model)
     total, tokens = None, 0
     kept = [None] * len(texts) if keep else None
     for batch in batches(tokenizer, texts, batch_size, device, desc):

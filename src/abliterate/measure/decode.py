@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from ..model.forward import first_param, id_batches
+from ..model.forward import id_batches, input_device
 from ..model.streamed import StreamedModel
 
 
@@ -61,7 +61,7 @@ def greedy(model, prefix: list[int], suffixes: list[list[int]], *, max_new_token
     Keeps the first step's logits (`first`), and with `keep_logprobs` the log-softmax of the first
     k steps with their mask. A batch stops when every row has produced an EOS token.
     """
-    device = first_param(model).device
+    device = input_device(model)
     n_all = len(suffixes)
     answers: list[list[int]] = [[] for _ in suffixes]
     first = [None] * n_all

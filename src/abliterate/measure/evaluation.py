@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..model.forward import first_param, forward, id_batches
+from ..model.forward import forward, id_batches, input_device
 from ..model.streamed import StreamedModel
 from .decode import Generated, generate
 from .kl import kl_logprobs
@@ -50,7 +50,7 @@ def forced_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int, k:
     if isinstance(model, StreamedModel):
         yield from model.forced_logits(seqs, k, batch_size=batch_size)
         return
-    for batch in id_batches(seqs, pad_id, batch_size, first_param(model).device):
+    for batch in id_batches(seqs, pad_id, batch_size, input_device(model)):
         yield batch.index, forward(model, batch, logits_to_keep=k).logits.float().cpu()
 
 
@@ -189,7 +189,7 @@ def answer_logprob(model, tokenizer, texts: list[str], answers: list[list[int]],
     is the decision that steering changes on purpose ("I'm sorry" instead of "Sure"),
     and its surprise says nothing about whether the text that follows is fluent.
     """
-    device = first_param(model).device
+    device = input_device(model)
     prompt_ids = tokenizer(list(texts), add_special_tokens=False).input_ids
     seqs = [p + a for p, a in zip(prompt_ids, answers)]
     out = torch.full((len(texts),), float("nan"))

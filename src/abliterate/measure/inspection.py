@@ -14,7 +14,7 @@ from ..errors import AbliterateError
 from ..find.directions import Direction, unit
 from ..find.selection import Selection
 from ..model.arch import check_layer, text_config
-from ..model.forward import batches, first_param, forward
+from ..model.forward import batches, forward, input_device
 
 
 def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
@@ -120,7 +120,7 @@ def token_projections(model, tokenizer, text: str, direction: Direction, *, laye
     n_layers = text_config(model).num_hidden_layers
     direction.check_model(text_config(model).hidden_size, n_layers)
     layer = check_layer(direction.layer if layer is None else layer, n_layers)
-    device = first_param(model).device
+    device = input_device(model)
     batch = next(batches(tokenizer, [text], 1, device))
     out = forward(model, batch, output_hidden_states=True)
     resid = torch.stack(out.hidden_states[:n_layers], dim=1)[0].float().cpu()  # (L, T, H)

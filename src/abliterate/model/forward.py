@@ -21,6 +21,13 @@ def first_param(model: nn.Module) -> nn.Parameter:
     return next((p for p in model.parameters() if not p.is_meta), first) if first.is_meta else first
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where `model`'s inputs go: its first real parameter's device; the CPU when every parameter is on the meta
+    device (a model accelerate offloaded whole: its hooks move the inputs to where each block runs)."""
+    p = first_param(model)
+    return torch.device("cpu") if p.is_meta else p.device
+
+
 @dataclass
 class Batch:
     index: list[int]  # positions of these texts in the caller's list
@@ -67,7 +74,7 @@ def forward(model, batch: Batch, **kwargs):
 @torch.inference_mode()
 def last_logits(model, tokenizer, texts: list[str], batch_size: int) -> torch.Tensor:
     """Next-token logits after each text, (N, V) float32 on CPU, in input order."""
-    device = first_param(model).device
+    device = input_device(model)
     out = [None] * len(texts)
     for batch in batches(tokenizer, texts, batch_size, device):
         logits = forward(model, batch).logits[:, -1].float().cpu()
@@ -84,7 +91,7 @@ def cached_logits(model, prefix: list[int], suffixes: list[list[int]], keep: int
     The prefix is run once; its key/value cache is repeated over each batch. Batches are left
     padded between prefix and suffix (masked), with positions counting real tokens only.
     """
-    device = first_param(model).device
+    device = input_device(model)
     out = [None] * len(suffixes)
     cache = None
     if prefix:

@@ -61,7 +61,7 @@ def check_device_map(device_map: str | None, device_memory: str | None = None, d
         bad = [k for k in budgets if isinstance(k, int) and k >= count]
         if bad:
             raise AbliterateError(f"--device-memory names GPU {bad[0]}, but this machine has {count} CUDA device(s)"
-                                  + (f", numbered from 0" if count else "") + "; give cpu=SIZE and GPUs it has")
+                                  + (", numbered from 0" if count else "") + "; give cpu=SIZE and GPUs it has")
 
 
 def load_kwargs(device_map: str, device_memory: str | None) -> dict:

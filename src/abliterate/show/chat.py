@@ -22,7 +22,7 @@ from rich.table import Table
 from ..errors import AbliterateError
 from ..find.prompts import ChatFormat
 from ..measure.decode import eos_ids
-from ..model.forward import first_param
+from ..model.forward import input_device
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Speaker:
     def reply(self, message: str, max_new_tokens: int) -> Iterator[str]:
         """The answer so far, after each new token; the last one is the whole answer (also added to history)."""
         tok = self.tokenizer
-        device = first_param(self.model).device
+        device = input_device(self.model)
         ids = tok(self.render(message), add_special_tokens=False, return_tensors="pt").input_ids.to(device)
         eos = eos_ids(self.model, tok)
         past, out_ids, text = None, [], ""
