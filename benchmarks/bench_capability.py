@@ -17,7 +17,9 @@ On a shared CPU, score the two models in two single-threaded processes (`--part 
 each printing its part as JSON) and join them with `--combine ORIGINAL.json EDITED.json`. A part whose
 process was stopped early (its predictions so far dumped from the live process) has null predictions for
 the subjects it did not reach; the comparison is then on the items both parts answered and says so
-("incomplete"). With the letter protocol the reference model is at chance: 1-shot 215/764 (28%; 95% CI 25-31%), 95% of its
+("incomplete"). The report keeps each model's per-item answers, so a new edit of the same model, dtype and
+sample is compared with an earlier original by `--combine REPORT.json EDITED.json` (a later file's parts
+replace an earlier one's). With the letter protocol the reference model is at chance: 1-shot 215/764 (28%; 95% CI 25-31%), 95% of its
 answers A or C; 5-shot 57/200 (28%; 95% CI 23-35%), 111/200 C (docs/measure.md). `--protocol cloze`
 scores each choice's own text instead (lm-eval's mmlu_continuation).
 """
@@ -65,6 +67,40 @@ def _summary(s: Scores) -> dict:
             "tokens": s.tokens, "tokens_per_s": round(s.tokens / s.seconds, 1) if s.seconds else None}
 
 
+def score_resumable(model, tok, items, kw, desc: str, checkpoint: Path | None, tag: str = "") -> Scores:
+    """`score`, subject by subject when `checkpoint` is given: each finished subject's answers, tokens and seconds
+    are written to that JSON file (atomically, by rename) and a rerun with the same file skips them, so a part cut
+    off after hours keeps what it scored. The checkpoint names its sample and `tag` (model, dtype, protocol, edit);
+    one of another sample or tag is refused."""
+    if checkpoint is None:
+        return score(model, tok, items, desc=desc, **kw)
+    key = [[it.subject, it.question[:80]] for it in items]
+    state = json.loads(checkpoint.read_text()) if checkpoint.exists() else {"tag": tag, "items": key, "subjects": {}}
+    if (state["tag"], state["items"]) != (tag, key):
+        raise SystemExit(f"{checkpoint} holds answers of another sample or model ({state['tag']}; here {tag}): "
+                         f"give a new --checkpoint file")
+    by_subject: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        by_subject.setdefault(it.subject, []).append(i)
+    for n, (subject, idx) in enumerate(by_subject.items()):
+        if subject in state["subjects"]:
+            continue
+        got = score(model, tok, [items[i] for i in idx], **kw)
+        state["subjects"][subject] = {"predicted": got.predicted, "tokens": got.tokens, "seconds": got.seconds}
+        tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(checkpoint)
+        print(f"{desc}: {len(state['subjects'])}/{len(by_subject)} subjects ({subject}) in {got.seconds:.0f} s",
+              file=sys.stderr)
+    predicted = [None] * len(items)
+    for subject, idx in by_subject.items():
+        for i, p in zip(idx, state["subjects"][subject]["predicted"]):
+            predicted[i] = p
+    done = state["subjects"].values()
+    return Scores(list(items), predicted, [], kw["shots"], sum(d["tokens"] for d in done),
+                  sum(d["seconds"] for d in done))
+
+
 def run_part(part: str, args, items, dev) -> dict:
     """Score the original or the edit (the default run's direction, by hooks) in this process."""
     t0, started = time.perf_counter(), time.time()
@@ -79,9 +115,11 @@ def run_part(part: str, args, items, dev) -> dict:
            "joint_tokenization_agrees": joint_tokenization_agrees(tok, items),
            "prepare_s": round(time.perf_counter() - t0, 1)}
     kw = {"shots": args.shots, "dev_items": dev, "batch_size": args.batch_size, "protocol": args.protocol}
+    tag = f"{args.model} {args.dtype} {args.protocol} {args.shots}-shot"
     if part in ("both", "original"):
         print(f"scoring the original on {len(items)} items, {args.shots}-shot", file=sys.stderr)
-        before = score(model, tok, items, desc="original", **kw)
+        before = score_resumable(model, tok, items, kw, "original",
+                                 args.checkpoint and Path(f"{args.checkpoint}.original"), tag)
         out["original"] = {**_summary(before), "predicted": before.predicted}
         print(f"original: {before.accuracy} in {before.seconds:.0f} s", file=sys.stderr)
     if part in ("both", "edited"):
@@ -97,7 +135,9 @@ def run_part(part: str, args, items, dev) -> dict:
                             "projected": direction.projected, "seconds": round(time.perf_counter() - t0, 1)}
         print(f"direction at layer {direction.layer}; scoring the edit", file=sys.stderr)
         with edit:
-            after = score(model, tok, items, desc="edited", **kw)
+            after = score_resumable(model, tok, items, kw, "edited",
+                                    args.checkpoint and Path(f"{args.checkpoint}.edited"),
+                                    f"{tag} edit {args.manifest or 'default run'}")
         out["edited"] = {**_summary(after), "predicted": after.predicted}
         print(f"edited: {after.accuracy} in {after.seconds:.0f} s", file=sys.stderr)
     out[f"{part}_clock"] = [started, time.time()]  # wall clock of this process, to time parts run in parallel
@@ -122,6 +162,8 @@ def main() -> int:
                              "then --combine)")
     parser.add_argument("--manifest", help="score this run's edit (its manifest.json; a searched run's chosen "
                         "edit) instead of the default run's direction")
+    parser.add_argument("--checkpoint", metavar="FILE", help="keep each scored subject in FILE.original / FILE.edited "
+                        "and skip those already there when rerun (a long part cut off resumes)")
     parser.add_argument("--combine", nargs="+", metavar="PART.json", help="build the report from saved parts")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -148,7 +190,9 @@ def main() -> int:
             "argmax log-likelihood of ' A'..' D' after 'Answer:'" if args.protocol == "letter" else
             "argmax log-likelihood per byte of ' <choice>' after 'Question: ...\nAnswer:' (mmlu_continuation)"),
         n=len(items), seed=args.seed, shots=args.shots)
-    preds = {name: merged[name].pop("predicted") for name in ("original", "edited")}
+    # the per-item answers stay in the report (0-3, None where a part stopped early): a later edit of the same
+    # model, dtype and sample can then be compared with this original without scoring it again (--combine)
+    preds = {name: merged[name]["predicted"] for name in ("original", "edited")}
     # A part cut short (its predictions dumped from the running process) has None for the subjects it did
     # not reach: the comparison is then on the items both parts answered, and says so.
     done = [i for i in range(len(items)) if all(preds[k][i] is not None for k in preds)]
