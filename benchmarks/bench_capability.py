@@ -82,7 +82,7 @@ def score_resumable(model, tok, items, kw, desc: str, checkpoint: Path | None, t
     by_subject: dict[str, list[int]] = {}
     for i, it in enumerate(items):
         by_subject.setdefault(it.subject, []).append(i)
-    for n, (subject, idx) in enumerate(by_subject.items()):
+    for subject, idx in by_subject.items():
         if subject in state["subjects"]:
             continue
         got = score(model, tok, [items[i] for i in idx], **kw)
