@@ -11,11 +11,14 @@ whether the two directions agree (layer, cosine), and `extrapolated`: the budget
 scaled from this run's measured per-parameter costs. The extrapolation is arithmetic, not a measurement.
 
     python benchmarks/bench_stream.py MODEL_DIR [--reshard 100MB] [--max-memory 512MB] [--n-train 128]
+                                      [--device-memory cpu=1500MB]  # also accelerate's offload of the same stage
     python benchmarks/bench_stream.py MODEL_DIR --run [--n-train 32 --n-select 8 --n-eval 16] ...
 
 With --run it measures the whole `abliterate run` instead (in memory, and `--stream --max-memory`, capability off
 in both): peak memory, wall time per stage, the chosen layer, the evaluation figures, and the baked tensors
-compared bit for bit.
+compared bit for bit. With --run --memory-limit SIZE the streamed run happens on a machine of SIZE (a Linux
+memory cgroup, no swap: `small_machine.py`; needs root), and the in-memory run is tried there too, which the
+kernel should kill.
 
 MODEL_DIR is a local Hugging Face directory of safetensors weights; --reshard SIZE first copies it in shards
 of at most SIZE (a block must be readable without mapping one multi-GB file).
@@ -67,8 +70,11 @@ def child(argv: list[str]) -> int:
         info = run_child(argv)
     elif argv != ["idle"]:
         mode, src, out, n_train, n_select, max_memory = argv
-        cfg = RunConfig(n_train=int(n_train), n_select=int(n_select), device="cpu", stream=mode == "stream",
-                        max_memory=max_memory if mode == "stream" else None)
+        if mode == "mapped":  # accelerate's offload; max_memory is then --device-memory
+            cfg = RunConfig(n_train=int(n_train), n_select=int(n_select), device_map="auto", device_memory=max_memory)
+        else:
+            cfg = RunConfig(n_train=int(n_train), n_select=int(n_select), device="cpu", stream=mode == "stream",
+                            max_memory=max_memory if mode == "stream" else None)
         timer = Timer()
         with timer("load"):
             sm = open_streamed(src, cfg)
@@ -178,7 +184,21 @@ def main_run(args, src: Path, work: Path, measure) -> int:
     tail = [args.n_train, args.n_select, args.max_memory, args.n_eval]
     idle = measure(["idle"])
     memory = measure(["run-memory", str(src), str(work / "run-memory"), *tail])
-    streamed = measure(["run-stream", str(src), str(work / "run-stream"), *tail])
+    limited = {}
+    if args.memory_limit:  # the streamed run on a machine of that size; and the in-memory run there, to fail
+        from small_machine import Limited
+
+        from abliterate.export.hf import check_size
+
+        size = check_size(args.memory_limit)
+        with Limited(size) as box:
+            streamed = measure(["run-stream", str(src), str(work / "run-stream"), *tail], box)
+        with Limited(size) as box:
+            limited = {"in_memory_under_the_limit": measure(["run-memory", str(src), str(work / "run-memory-limited"),
+                                                             *tail], box)}
+        shutil.rmtree(work / "run-memory-limited", ignore_errors=True)
+    else:
+        streamed = measure(["run-stream", str(src), str(work / "run-stream"), *tail])
     print(json.dumps({
         "model": str(args.model), "input": str(src),
         "weights_mb": round(sum(p.stat().st_size for p in src.glob("*.safetensors")) / MB, 1),
@@ -189,7 +209,7 @@ def main_run(args, src: Path, work: Path, measure) -> int:
         "peak_above_imports_mb": {"in_memory": round(memory["peak_rss_mb"] - idle["peak_rss_mb"], 1),
                                   "streamed": round(streamed["peak_rss_mb"] - idle["peak_rss_mb"], 1)},
         "same_layer": memory["layer"] == streamed["layer"], **same_metrics(memory["metrics"], streamed["metrics"]),
-        "baked": same_tensors(work / "run-memory", work / "run-stream"),
+        "baked": same_tensors(work / "run-memory", work / "run-stream"), **limited,
     }, indent=2))
     return 0
 
@@ -207,6 +227,10 @@ def main() -> int:
     parser.add_argument("--run", action="store_true", help="measure the whole `abliterate run` instead, in memory "
                         "and with --stream --max-memory: peak memory, stages, layer, figures, baked tensors")
     parser.add_argument("--n-eval", default="16", help="--run: evaluation prompts of each set (default: 16)")
+    parser.add_argument("--device-memory", help="also run `directions --device-map auto --device-memory` this "
+                        "(accelerate's offload, e.g. cpu=1500MB) and compare its tokens/s and peak")
+    parser.add_argument("--memory-limit", help="--run: run the streamed child, and the in-memory one a second time, "
+                        "under a memory cgroup of this size (a machine that small; needs root), e.g. 2GB")
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -217,8 +241,8 @@ def main() -> int:
     from abliterate import Direction
     from abliterate.export.hf import check_size
 
-    def measure(argv: list[str]) -> dict:  # this script as the child
-        return measure_in(argv, __file__)
+    def measure(argv: list[str], box=None) -> dict:  # this script as the child
+        return measure_in(argv, __file__, box)
 
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-stream-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -237,6 +261,15 @@ def main() -> int:
     memory = measure(["memory", *common, str(work / "memory.safetensors"), *tail])
     streamed = measure(["stream", *common, str(work / "stream.safetensors"), *tail])
     a, b = Direction.load(work / "memory.safetensors"), Direction.load(work / "stream.safetensors")
+    mapped = {}
+    if args.device_memory:  # accelerate's offload of the same stage, for its tokens/s and peak
+        m = measure(["mapped", *common, str(work / "mapped.safetensors"), args.n_train, args.n_select,
+                     args.device_memory])
+        c = Direction.load(work / "mapped.safetensors")
+        mapped = {"device_map_auto": {**m, "device_memory": args.device_memory},
+                  "device_map_tokens_per_s_ratio": round(m["forward_tokens_per_s"] / memory["forward_tokens_per_s"], 3),
+                  "device_map_same_layer": a.layer == c.layer,
+                  "device_map_direction_cosine": float(torch.dot(a.vector, c.vector))}
     print(json.dumps({
         "model": str(args.model), "input": str(src), "weights_mb": round(weights / MB, 1),
         "shards": len(list(src.glob("*.safetensors"))), "max_memory": args.max_memory,
@@ -246,7 +279,7 @@ def main() -> int:
         "streamed_tokens_per_s_ratio": round(streamed["forward_tokens_per_s"] / memory["forward_tokens_per_s"], 3),
         "same_layer": a.layer == b.layer, "direction_cosine": float(torch.dot(a.vector, b.vector)),
         "direction_max_abs_diff": float((a.vector - b.vector).abs().max()),
-        "extrapolated": extrapolate(streamed, memory, int(args.n_train), memory["activation_tokens"]),
+        "extrapolated": extrapolate(streamed, memory, int(args.n_train), memory["activation_tokens"]), **mapped,
     }, indent=2))
     if not args.out:
         shutil.rmtree(work, ignore_errors=True)

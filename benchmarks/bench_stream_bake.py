@@ -47,12 +47,20 @@ def child(argv: list[str]) -> int:
     return code
 
 
-def measure(argv: list[str], script: str = __file__) -> dict:
-    """Run `script --child ARGV` in a fresh process (so its peak RSS is its own) and read its JSON line."""
-    proc = subprocess.run([sys.executable, script, "--child", *argv], capture_output=True, text=True, check=False)
+def measure(argv: list[str], script: str = __file__, box=None) -> dict:
+    """Run `script --child ARGV` in a fresh process (so its peak RSS is its own) and read its JSON line. With `box`
+    (small_machine.Limited) the child runs under its memory limit, and a child the OOM killer stopped is reported
+    (`killed`, the cgroup's figures), not raised."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, script, "--child", *argv], capture_output=True, text=True, check=False,
+                          preexec_fn=box.enter if box else None)
+    limit = {"memory_limit": box.report()} if box else {}
+    if box and proc.returncode != 0 and limit["memory_limit"]["oom_kills"]:
+        return {"killed": True, "returncode": proc.returncode, "wall_s": round(time.perf_counter() - start, 1),
+                **limit}
     if proc.returncode != 0:
         raise SystemExit(f"child {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), **limit}
 
 
 def reshard(src: Path, dst: Path, size: int) -> Path:
