@@ -290,3 +290,49 @@ def sharded(tmp_path_factory, tokenizer):
             cache[arch] = model, root / arch
         return cache[arch]
     return get
+
+
+def cloze_task(items, folder: Path, name: str = "cloze_mc") -> Path:
+    """lm-eval's `mmlu_continuation` as a local task file over `items` (capability.Item), zero-shot: the same
+    description, question text, choices and metrics (acc, acc_norm), reading the items from a JSON-lines file
+    (hub datasets are unreachable offline). Writes `name`.jsonl and `name`.yaml in `folder`."""
+    import json
+
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({"subject": it.subject, "question": it.question, "choices": list(it.choices),
+                                        "answer": it.answer}) + "\n" for it in items))
+    task = folder / f"{name}.yaml"
+    task.write_text(f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+description: "The following are questions (with answers) about {{{{subject|replace('_', ' ')}}}}.\\n\\n"
+doc_to_text: "Question: {{{{question.strip()}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+""")
+    return task
+
+
+def hide_module(monkeypatch, name: str) -> None:
+    """Make `import name` (and its submodules) fail as if the package were not installed."""
+    import builtins
+
+    real = builtins.__import__
+
+    def fake(module, *args, **kwargs):
+        if module == name or module.startswith(f"{name}."):
+            raise ImportError(f"No module named {name!r}")
+        return real(module, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake)

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from conftest import hide_module
 
 from abliterate import AbliterateError, ChatFormat, load_prompts
 
@@ -93,12 +94,20 @@ def test_no_chat_template_is_a_clear_error(tokenizer):
         ChatFormat().render(tok, "Hi")
 
 
-def test_hub_dataset_without_the_datasets_package_is_a_clear_error():
-    pytest.importorskip("transformers")
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(AbliterateError, match="pip install datasets"):
-            load_prompts("hf:someone/prompts")
-    else:
-        pytest.skip("datasets is installed; the hub path needs a network this machine does not have")
+def test_hub_dataset_without_the_datasets_package_is_a_clear_error(monkeypatch):
+    hide_module(monkeypatch, "datasets")
+    with pytest.raises(AbliterateError, match="pip install datasets"):
+        load_prompts("hf:someone/prompts")
+
+
+def test_hf_prompt_sets_load_through_datasets(tmp_path):
+    """`hf:ID` goes through `datasets.load_dataset` (installed with lm-eval in [test]): a dataset folder on disk
+    loads offline, its column found by name or given; an id the hub cannot serve here is one clear error."""
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    rows = [{"goal": f"Explain step {i} of making bread", "id": i} for i in range(3)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_prompts(f"hf:{folder}")
+    assert got.prompts == tuple(r["goal"] for r in rows)
+    with pytest.raises(AbliterateError, match="could not load dataset someone/no-such-prompts split train"):
+        load_prompts("hf:someone/no-such-prompts")

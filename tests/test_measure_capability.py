@@ -307,7 +307,8 @@ def test_quick_sample_is_the_stratified_sample_of_the_full_file(full_quick_sampl
 
 
 def test_cloze_cached_scores_equal_uncached(tokenizer):
-    """The continuation protocol: each choice's own text scored after 'Answer:', per byte (lm-eval's acc_norm)."""
+    """The continuation protocol: each choice's own text scored after 'Answer:', per character (lm-eval's acc_norm;
+    tests/test_measure_harness.py checks it against lm-eval itself)."""
     model = make_model("qwen2", tokenizer)
     items, dev = _items()
     got = score(model, tokenizer, items, shots=1, dev_items=dev, batch_size=3, protocol="cloze")
@@ -323,7 +324,7 @@ def test_cloze_cached_scores_equal_uncached(tokenizer):
                 logp = torch.log_softmax(model(input_ids=torch.tensor([base + ids])).logits[0].double(), -1)
             ref.append(float(sum(logp[len(base) - 1 + t, ids[t]] for t in range(len(ids)))))
         assert row == pytest.approx(ref, abs=1e-4)
-        norm = [lp / len(f" {c}".encode()) for lp, c in zip(ref, it.choices)]
+        norm = [lp / len(c) for lp, c in zip(ref, it.choices)]  # per character, the space before it not counted
         assert pred == max(range(4), key=norm.__getitem__)
     with pytest.raises(AbliterateError, match="protocol 'mc' is not one of: letter, cloze"):
         score(model, tokenizer, items, shots=0, protocol="mc")

@@ -592,3 +592,42 @@ def test_a_damaged_edit_that_the_markers_pass_is_caught_as_degenerate(qwen_dir, 
     rate_before, rate_after = Rate(sum(degenerate[0]), n), Rate(sum(degenerate[1]), n)
     assert rate_after.interval[0] > rate_before.interval[1], (str(rate_before), str(rate_after))
     assert paired(*degenerate).p_value < 0.05, [a.text[:80] for a in after]
+
+
+# MMLU items scored by both instruments in the test below: the shortest of a one-per-subject sample, so that lm-eval's
+# requests (each choice run whole, with its question) cost seconds, not minutes.
+HARNESS_ITEMS = 8
+
+
+def test_capability_check_is_lm_eval_on_the_reference_model(qwen_dir, demo, shared_prompts, tmp_path):
+    """The reference model, plain and with the demo's direction as hooks, scores the same MMLU items by the
+    capability check (zero-shot cloze) and by lm-eval itself (a local mmlu_continuation task file, through the
+    HFLM wrapper `--tasks` uses): every choice's log-likelihood agrees and so does every item's acc_norm, on a
+    real tokenizer. lm-eval's log-likelihoods move under the hooks, so it measured the edit, not the original.
+    The fast tier shows the pick rule is lm-eval's on each item (tests/test_measure_harness.py)."""
+    from conftest import cloze_task
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from abliterate.measure.capability import read_items, score, stratified
+
+    sample = stratified(read_items(shared_prompts.parent / "capability" / "mmlu_test.jsonl"), 57, 0)
+    items = sorted(sample, key=lambda it: len(it.question) + sum(map(len, it.choices)))[:HARNESS_ITEMS]
+    cloze_task(items, tmp_path)
+    manager = TaskManager(include_path=str(tmp_path))
+    loaded = load_model(qwen_dir)
+    direction = Direction.load(demo[0] / "direction.safetensors")
+    theirs = {}
+    for side, hooks in (("original", contextlib.nullcontext()), ("edited", ablated(loaded.model, direction))):
+        with hooks:
+            ours = score(loaded.model, loaded.tokenizer, items, shots=0, protocol="cloze")
+            out = simple_evaluate(model=HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=8),
+                                  tasks=["cloze_mc"], task_manager=manager, log_samples=True, bootstrap_iters=0)
+        rows = sorted(out["samples"]["cloze_mc"], key=lambda r: r["doc_id"])
+        theirs[side] = [[float(r[0]) for r in row["filtered_resps"]] for row in rows]
+        for it, lps, ref, row, pred in zip(items, ours.logprobs, theirs[side], rows, ours.predicted):
+            assert lps == pytest.approx(ref, abs=2e-3), (side, it.question)
+            assert (pred == it.answer) == bool(row["acc_norm"]), (side, it.question)
+    moved = max(abs(a - b) for x, y in zip(theirs["original"], theirs["edited"]) for a, b in zip(x, y))
+    assert moved > 0.05, moved

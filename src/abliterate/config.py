@@ -99,8 +99,9 @@ class RunConfig:
                                      "without it the items are asked zero-shot (quick with --capability-protocol "
                                      "letter has its own)")
     capability_shots: int = opt(5, "exemplars per question when there are exemplars")
-    capability_protocol: str = opt("cloze", "how a choice is scored: 'cloze' (the likeliest choice text per byte, "
-                                   "lm-eval's mmlu_continuation acc_norm: what small models can do) or 'letter' "
+    capability_protocol: str = opt("cloze", "how a choice is scored: 'cloze' (the likeliest choice text per "
+                                   "character, lm-eval's mmlu_continuation acc_norm: what small models can do) or "
+                                   "'letter' "
                                    "(the likeliest of ' A', ' B', ... after 'Answer:', lm-eval's mmlu: chance on "
                                    "the 0.5B reference model, docs/measure.md)")
     tasks: str | None = opt(None, "lm-eval tasks run on the original and the edited model (needs the [lmeval] "

@@ -15,7 +15,7 @@ response token through the chat template measured chance, 25.4%, on the referenc
   letters hold ~99% of the next-token mass, near uniformly: a 0.5B model follows the format without mapping
   letters to answers (benchmarks/results/capability-letter-5shot-reference.json).
 - "cloze" (lm-eval's `mmlu_continuation`, the default): "Question: ...\nAnswer:" and the choice whose own
-  text is likeliest per byte (acc_norm), the form small-model evaluations use (SmolLM2's MMLU is cloze).
+  text is likeliest per character (acc_norm), the form small-model evaluations use (SmolLM2's MMLU is cloze).
 
 Letter: the header and exemplars are the same for every question of a subject, so they are run once per
 subject and their key/value cache reused (`model.forward.cached_logits`): with 5 shots that is most of every
@@ -239,6 +239,14 @@ def prefix_text(subject: str, exemplars: list[Item], protocol: str = "letter") -
         f"{question_text(e, protocol)}{continuations(e, protocol)[e.answer]}\n\n" for e in exemplars)
 
 
+def choose(item: Item, logprobs: list[float], protocol: str = "letter") -> int:
+    """The answer a model gives: the likeliest choice ("letter"), or the likeliest per character of the choice's
+    own text ("cloze": lm-eval's acc_norm, which divides by len(choice), the space before it not counted)."""
+    if protocol == "cloze":
+        logprobs = [lp / max(1, len(c)) for lp, c in zip(logprobs, item.choices)]
+    return max(range(len(logprobs)), key=logprobs.__getitem__)
+
+
 @dataclass
 class Scores:
     """One model's answers: per item the chosen index and the log-probability of each choice's letter."""
@@ -277,7 +285,7 @@ def score(model, tokenizer, items: list[Item], *, shots: int = 5, dev_items: lis
 
     "letter": the choice whose letter (" A", " B", ...) is likeliest after "Answer:" (lm-eval's `mmlu`; the
     subject's prefix is run once and its cache reused). "cloze": the choice whose own text is likeliest per
-    byte (lm-eval's `mmlu_continuation`, acc_norm), each question run once as a prefix of its choices.
+    character (lm-eval's `mmlu_continuation`, acc_norm), each question run once as a prefix of its choices.
     """
     t0 = time.perf_counter()
     dev = _exemplars(protocol, shots, dev_items)
@@ -315,9 +323,7 @@ def score(model, tokenizer, items: list[Item], *, shots: int = 5, dev_items: lis
                 logp = torch.log_softmax(logits.double(), -1)
                 tokens += len(q) + sum(len(c) for c in conts)
                 logprobs[i] = [gather(logp, j, c, keep) for j, c in enumerate(conts)]
-                # acc_norm as lm-eval computes it: log-likelihood per byte of the choice's text
-                norm = [lp / max(1, len(t.encode())) for lp, t in zip(logprobs[i], continuations(it, protocol))]
-                predicted[i] = max(range(len(norm)), key=norm.__getitem__)
+                predicted[i] = choose(it, logprobs[i], protocol)
             continue
         prefix = enc(prefix_str)
         # One sequence per (item, choice): the question, then the choice's continuation but its last token;
@@ -341,7 +347,7 @@ def score(model, tokenizer, items: list[Item], *, shots: int = 5, dev_items: lis
         for i, j, c, k in where:
             logprobs[i][j] = gather(logp, k, c, keep)
         for i in idx:
-            predicted[i] = max(range(len(logprobs[i])), key=logprobs[i].__getitem__)
+            predicted[i] = choose(items[i], logprobs[i], protocol)
     return Scores(list(items), predicted, logprobs, shots, tokens, time.perf_counter() - t0)
 
 
@@ -385,11 +391,7 @@ def score_streamed(streamed, tokenizer, items: list[Item], *, shots: int = 5, de
             for i, j, c in where[k]:
                 rows = logp[row, keep - len(c):]  # the positions that predict each continuation token
                 logprobs[i][j] = float(rows[torch.arange(len(c)), torch.tensor(c)].sum())
-    predicted = []
-    for it, lps in zip(items, logprobs):
-        if protocol == "cloze":  # acc_norm: per byte of the choice's text
-            lps = [lp / max(1, len(t.encode())) for lp, t in zip(lps, continuations(it, protocol))]
-        predicted.append(max(range(len(lps)), key=lps.__getitem__))
+    predicted = [choose(it, lps, protocol) for it, lps in zip(items, logprobs)]
     return Scores(list(items), predicted, logprobs, shots, sum(map(len, seqs)), time.perf_counter() - t0)
 
 
