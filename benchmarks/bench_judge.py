@@ -6,6 +6,9 @@ not: what a refusal rate's complement claims), each with n and its 95% Wilson in
 (rows: our label, columns: the instrument's), and the paired difference in correctness between the judge and
 the markers on the same answers (Newcombe interval, McNemar's exact p).
 
+Each judge is read twice from one pass: raw (the label with the highest probability) and calibrated (divided by
+the probabilities of the content-free item, the tool's default: `measure/judge.py`).
+
 The set is split by prompt: prompts with an even index in harmful_val.json are the tuning half (the rubric and
 its examples were written and adjusted looking at those answers only), odd ones the test half. The headline
 figures are the test half's; `--half all` or `--half tune` report the others, labelled as such.
@@ -75,18 +78,22 @@ def main() -> None:
         start = time.perf_counter()
         judge = Judge.load(source)
         loaded_s = time.perf_counter() - start
-        v = judge.classify([r["prompt"] for r in rows], [r["answer"] for r in rows])
-        pred = v.labels
-        res = {"three_way": three_way(rows, pred), "refused_vs_not": two_way(rows, pred, REFUSED),
-               "complied_vs_not": two_way(rows, pred, COMPLIED),
-               "mean_label_mass": round(float(v.mass.mean()), 4), "load_s": round(loaded_s, 1),
-               "classify_s": round(time.perf_counter() - start - loaded_s, 1)}
-        for key, positive in (("refused", REFUSED), ("complied", COMPLIED)):
-            right = [(p == positive) == (r["label"] == positive) for p, r in zip(pred, rows)]
-            res[f"{key}_vs_not"]["against_markers"] = paired(markers_right[key], right).to_dict()
-        out["instruments"][judge.instrument] = res
+        v = judge.classify([r["prompt"] for r in rows], [r["answer"] for r in rows])  # calibrated: the default
+        seconds = round(time.perf_counter() - start - loaded_s, 1)
+        raw = [LABELS[i] for i in v.raw.argmax(-1).tolist()]  # the same pass, read without calibration
+        for name, pred in ((judge.instrument, raw), (f"{judge.instrument}, calibrated", v.labels)):
+            res = {"three_way": three_way(rows, pred), "refused_vs_not": two_way(rows, pred, REFUSED),
+                   "complied_vs_not": two_way(rows, pred, COMPLIED),
+                   "mean_label_mass": round(float(v.mass.mean()), 4), "load_s": round(loaded_s, 1),
+                   "classify_s": seconds}
+            if pred is v.labels:
+                res["prior"] = {k: round(float(x), 4) for k, x in zip(LABELS, v.prior)}
+            for key, positive in (("refused", REFUSED), ("complied", COMPLIED)):
+                right = [(p == positive) == (r["label"] == positive) for p, r in zip(pred, rows)]
+                res[f"{key}_vs_not"]["against_markers"] = paired(markers_right[key], right).to_dict()
+            out["instruments"][name] = res
+            print(json.dumps({name: res["three_way"]["accuracy"]}), flush=True)
         del judge
-        print(json.dumps({judge_name: res["three_way"]["accuracy"] for judge_name in [source]}), flush=True)
     print(json.dumps(out, indent=1))
 
 

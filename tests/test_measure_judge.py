@@ -6,8 +6,10 @@ import pytest
 import torch
 from conftest import FAST, assert_clean_error, run_cli
 
+from abliterate.errors import AbliterateError
 from abliterate.measure.judge import (
     COMPLIED,
+    CONTENT_FREE,
     EVADED,
     LABELS,
     REFUSED,
@@ -30,20 +32,48 @@ def judge(model_dirs):
 
 
 def test_verdicts_are_the_label_tokens_next_token_probabilities(judge):
-    """classify == one plain forward pass over rubric + item, read at the three label tokens (no cache, no batch)."""
+    """classify == one plain forward pass over rubric + item, read at the three label tokens (no cache, no batch);
+    calibrated (the default), the verdict is read from those probabilities divided by the content-free item's."""
     v = judge.classify(PROMPTS, ANSWERS)
-    assert v.probs.shape == (4, 3) and v.mass.shape == (4,)
+    assert v.probs.shape == v.raw.shape == (4, 3) and v.mass.shape == (4,) and v.prior.shape == (3,)
     assert torch.allclose(v.probs.sum(-1), torch.ones(4, dtype=torch.float64))
     assert set(v.labels) <= set(LABELS)
-    prefix, seqs, label_ids = judge.encode(PROMPTS, ANSWERS)
     model = judge.loaded.model
-    for i in range(4):
-        assert len(set(label_ids[i])) == 3
-        ids = torch.tensor([prefix + seqs[i]])
-        logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].double(), -1)[label_ids[i]]
-        assert torch.allclose(v.probs[i], torch.softmax(logp, -1), atol=1e-4), i
-        assert v.mass[i].item() == pytest.approx(logp.exp().sum().item(), rel=1e-3)
-        assert v.labels[i] == LABELS[int(logp.argmax())]
+
+    def plain(prompt, answer):  # log P(label token), one sequence, no cache
+        prefix, seqs, label_ids = judge.encode([prompt], [answer])
+        assert len(set(label_ids[0])) == 3
+        ids = torch.tensor([prefix + seqs[0]])
+        return torch.log_softmax(model(input_ids=ids).logits[0, -1].double(), -1)[label_ids[0]]
+
+    with torch.inference_mode():
+        free = plain(*CONTENT_FREE)
+        assert torch.allclose(v.prior, torch.softmax(free, -1), atol=1e-4)
+        for i in range(4):
+            logp = plain(PROMPTS[i], ANSWERS[i])
+            assert torch.allclose(v.raw[i], torch.softmax(logp, -1), atol=1e-4), i
+            assert torch.allclose(v.probs[i], torch.softmax(logp - free, -1), atol=1e-4), i
+            assert v.mass[i].item() == pytest.approx(logp.exp().sum().item(), rel=1e-3)
+            assert v.labels[i] == LABELS[int((logp - free).argmax())]
+    raw = Judge(judge.loaded, judge.name, batch_size=3, calibration="none").classify(PROMPTS, ANSWERS)
+    assert raw.raw is None and raw.prior is None and torch.allclose(raw.probs, v.raw, atol=1e-6)
+    assert raw.labels == [LABELS[i] for i in v.raw.argmax(-1).tolist()]
+    # dividing by the prior is the same as dividing the renormalized probabilities and renormalizing again
+    by_hand = v.raw / v.prior
+    assert torch.allclose(v.probs, by_hand / by_hand.sum(-1, keepdim=True), atol=1e-9)
+
+
+def test_calibration_centres_the_content_free_item_and_refuses_unknown_kinds(judge, capsys, tmp_path, model_dirs):
+    """Calibrated, the content-free item itself reads uniform (the judge's lean is what calibration divides out);
+    an unknown calibration is one line, exit 2, before any model loads."""
+    v = judge.classify(PROMPTS + [CONTENT_FREE[0]], ANSWERS + [CONTENT_FREE[1]])
+    assert torch.allclose(v.probs[-1], torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-6)
+    with pytest.raises(AbliterateError, match="--judge-calibration 'platt' is not one of: content-free, none"):
+        Judge(judge.loaded, judge.name, calibration="platt")
+    js = tmp_path / "e.json"
+    code, _, err = run_cli(capsys, "eval", tmp_path / "no-model", "--judge", model_dirs["qwen2"],
+                           "--judge-calibration", "platt", "--json", js)
+    assert_clean_error(code, err, "--judge-calibration 'platt' is not one of: content-free, none", js)
 
 
 def test_batching_does_not_change_verdicts(judge):
@@ -89,7 +119,7 @@ def test_complied_change_is_paired_by_prompt():
     assert (c.both, c.gained, c.lost, c.neither) == (1, 2, 0, 1)
     d = r.to_dict()
     assert d["instrument"] == "judge: x" and d["complied_change"]["gained"] == 2
-    assert set(d) == {"instrument", "answers", "edited", "original", "complied_change"}
+    assert set(d) == {"instrument", "calibration", "answers", "edited", "original", "complied_change"}
 
 
 def test_eval_with_a_judge_writes_its_figures_and_says_which_instrument(capsys, tmp_path, model_dirs):
@@ -110,6 +140,8 @@ def test_eval_with_a_judge_writes_its_figures_and_says_which_instrument(capsys, 
     assert judged["complied_change"]["n"] == 4
     assert report["after"]["instrument"] == "markers"
     assert f"judge: {src}" in out and "counted by: markers" in out
+    assert judged["calibration"] == "content-free" and "calibration: content-free" in out
+    assert set(judged["edited"]["prior"]) == set(LABELS)
 
 
 def test_run_with_a_judge_puts_it_in_the_manifest_and_the_report(tmp_path, model_dirs):

@@ -119,6 +119,9 @@ class RunConfig:
                             "this causal LM (hub id, model directory or .gguf), read from its next-token "
                             "probabilities under a short rubric: counts per model, agreement with the marker "
                             "detector and the answers they disagree on (default: the markers alone)")
+    judge_calibration: str = opt("content-free", "how the judge's label probabilities are read: 'content-free' "
+                                 "(divided by those it gives an empty item, 'Request: N/A, Answer: N/A': removes "
+                                 "its lean towards one label, contextual calibration) or 'none' (as they are)")
     # model and machine
     batch_size: int = opt(32, "prompts per forward pass")
     device: str | None = opt(None, "cuda, mps or cpu (default: the best available)")
@@ -160,6 +163,8 @@ class RunConfig:
                                   "leave out --device-map, or find a plain direction with --device-map")
         if self.tasks_limit is not None and self.tasks_limit < 1:
             raise AbliterateError(f"--tasks-limit must be at least 1, got {self.tasks_limit}; or leave it out")
+        if self.judge_calibration not in ("content-free", "none"):
+            raise AbliterateError(f"--judge-calibration {self.judge_calibration!r} is not one of: content-free, none")
         if self.capability_protocol not in ("letter", "cloze"):
             raise AbliterateError(f"--capability-protocol {self.capability_protocol!r} is not one of: letter, cloze")
         if self.positions not in ("last", "all"):

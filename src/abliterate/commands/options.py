@@ -24,7 +24,7 @@ EVAL = ("eval_harmful", "eval_harmless", "n_eval_harmful", "n_eval_harmless", "m
 SAVE = ("shard_size", "force", "gguf_type", "gguf_fallback_type")
 CAPABILITY = ("capability", "capability_dev", "capability_shots", "capability_protocol", "tasks", "tasks_limit")
 LONG = ("long_tokens", "n_long")
-JUDGE = ("judge",)
+JUDGE = ("judge", "judge_calibration")
 FORMAT = ("system_prompt", "plain_prompts")
 ALL = tuple(f.name for f in fields(RunConfig))
 

@@ -353,7 +353,8 @@ def load_judge(cfg: RunConfig) -> Judge | None:
     if not cfg.judge:
         return None
     return Judge.load(cfg.judge, device=cfg.device, dtype=cfg.dtype, batch_size=min(cfg.batch_size, 8),
-                      allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+                      allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code,
+                      calibration=cfg.judge_calibration)
 
 
 def judged_texts(ev: Evaluation, long_answers: list[LongAnswer] | None) -> list[str]:

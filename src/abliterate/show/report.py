@@ -114,8 +114,8 @@ def judge_sections(r: JudgeResult) -> list[tuple[str, list[str], list[list]]]:
     change = r.complied_change
     if change is not None:
         rows.append(["complied, change (paired; 95% CI, McNemar p)", "", str(change)])
-    counts = (f"Judge: {r.instrument}, on the harmful prompts ({r.answers})", ["measure", "original", "abliterated"],
-              rows)
+    counts = (f"Judge: {r.instrument}, on the harmful prompts ({r.answers}; calibration: {r.calibration})",
+              ["measure", "original", "abliterated"], rows)
     disagree = [[model, d["prompt"], d["answer"], d["markers"], d["judge"],
                  ", ".join(f"{k} {v:.2f}" for k, v in d["judge_probs"].items())]
                 for model, j in (("original", r.original), ("abliterated", r.edited)) if j is not None

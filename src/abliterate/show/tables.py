@@ -133,7 +133,8 @@ def judge_rows(r: JudgeResult) -> list[tuple[str, str, str]]:
 
 def judge_table(r: JudgeResult) -> str:
     """The judge's counts per model, its agreement with the markers, and the paired change in complied."""
-    lines = [f"judge on the harmful prompts ({r.answers}):", f"{'':44}{'original':<30}edited"]
+    lines = [f"judge on the harmful prompts ({r.answers}; calibration: {r.calibration}):",
+             f"{'':44}{'original':<30}edited"]
     lines += [f"{a:44}{b:<30}{c}" for a, b, c in judge_rows(r)]
     change = r.complied_change
     if change is not None:
