@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from abliterate import RunConfig, run
+from abliterate.measure.stats import Rate
 from abliterate.model import packaged as reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,15 +66,18 @@ def main() -> int:
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "direction": {"layer": result.direction.layer, "position": result.direction.position,
                       "projected": result.direction.projected},
-        "refusals_before": f"{before.refusals}/{before.n_harmful}",
-        "refusals_after": f"{after.refusals}/{after.n_harmful}",
+        "refusals_before": str(Rate(before.refusals, before.n_harmful)),
+        "refusals_after": str(Rate(after.refusals, after.n_harmful)),
         "refusal_reduction": round(1 - after.refusals / max(before.refusals, 1), 3),
-        "over_refusals_before": f"{before.over_refusals}/{before.n_harmless}",
-        "over_refusals_after": f"{after.over_refusals}/{after.n_harmless}",
+        "over_refusals_before": str(Rate(before.over_refusals, before.n_harmless)),
+        "over_refusals_after": str(Rate(after.over_refusals, after.n_harmless)),
         "kl_first_token": round(after.kl_first, 4),
         "kl_16_tokens": round(after.kl_continuation, 4),
+        # everything the manifest records, each rate with n and 95% interval: the paired changes, capability
+        # (retention, lost and gained, per group), and long answers or the judge when asked
+        "metrics": result.manifest["metrics"], "capability": result.manifest.get("capability"),
     }
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2, default=str))
     return 0
 
 

@@ -29,6 +29,7 @@ import torch
 
 from abliterate import RunConfig
 from abliterate.commands.run import run
+from abliterate.measure.stats import Rate
 from abliterate.model import packaged as reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,9 +80,11 @@ def main() -> int:
         "system_prompt": cfg.system_prompt,
         "search_on": cfg.search_on,
         "max_kl": cfg.max_kl,
-        "refusals_before": f"{before.refusals}/{before.n_harmful}",
-        "refusals": f"{after.refusals}/{after.n_harmful}",
-        "over_refusals": f"{after.over_refusals}/{after.n_harmless}",
+        "refusals_before": str(Rate(before.refusals, before.n_harmful)),
+        "refusals": str(Rate(after.refusals, after.n_harmful)),
+        "over_refusals": str(Rate(after.over_refusals, after.n_harmless)),
+        # everything the manifest records, each rate with n and 95% interval, and the chosen edit's capability
+        "metrics": result.manifest["metrics"], "capability": result.manifest.get("capability"),
         "kl_first_token": round(after.kl_first, 4),
         "kl_16_tokens": round(after.kl_continuation, 4),
         "wall_s": round(total, 1),
@@ -98,7 +101,7 @@ def main() -> int:
         "front": [{"trial": t.number, "refusals_est": round(t.refusals_est, 2), "kl": round(t.kl, 4),
                    "refusals_counted": t.refusals, "params": t.params} for t in s.front],
     }
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2, default=str))
     return 0
 
 

@@ -17,6 +17,7 @@ from .export.gguf_copy import check_gguf_types
 from .export.hf import check_size
 from .model.load import check_device, check_dtype
 from .model.mapped import check_device_map
+from .measure.judge import CALIBRATIONS
 from .model.streamed import parse_memory
 from .search.space import OPTIONS, parse_options
 
@@ -101,9 +102,8 @@ class RunConfig:
     capability_shots: int = opt(5, "exemplars per question when there are exemplars")
     capability_protocol: str = opt("cloze", "how a choice is scored: 'cloze' (the likeliest choice text per "
                                    "character, lm-eval's mmlu_continuation acc_norm: what small models can do) or "
-                                   "'letter' "
-                                   "(the likeliest of ' A', ' B', ... after 'Answer:', lm-eval's mmlu: chance on "
-                                   "the 0.5B reference model, docs/measure.md)")
+                                   "'letter' (the likeliest of ' A', ' B', ... after 'Answer:', lm-eval's mmlu: "
+                                   "chance on the 0.5B reference model, docs/measure.md)")
     tasks: str | None = opt(None, "lm-eval tasks run on the original and the edited model (needs the [lmeval] "
                             "extra): registered names or task YAML files, comma-separated (e.g. "
                             "mmlu,gsm8k or ./task.yaml); each metric with lm-eval's stderr")
@@ -163,8 +163,9 @@ class RunConfig:
                                   "leave out --device-map, or find a plain direction with --device-map")
         if self.tasks_limit is not None and self.tasks_limit < 1:
             raise AbliterateError(f"--tasks-limit must be at least 1, got {self.tasks_limit}; or leave it out")
-        if self.judge_calibration not in ("content-free", "none"):
-            raise AbliterateError(f"--judge-calibration {self.judge_calibration!r} is not one of: content-free, none")
+        if self.judge_calibration not in CALIBRATIONS:
+            raise AbliterateError(f"--judge-calibration {self.judge_calibration!r} is not one of: "
+                                  f"{', '.join(CALIBRATIONS)}")
         if self.capability_protocol not in ("letter", "cloze"):
             raise AbliterateError(f"--capability-protocol {self.capability_protocol!r} is not one of: letter, cloze")
         if self.positions not in ("last", "all"):

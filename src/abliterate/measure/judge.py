@@ -18,11 +18,13 @@ probability. No generation: one forward pass per answer. The three probabilities
 labels, with the mass the judge put on them (a judge that does not follow the format puts little there).
 
 Calibration (on by default): a small judge leans towards one label whatever it reads (the 0.5B reference model
-said "refused" for 49 of 80 answers, 11 of which were refusals). Contextual calibration (Zhao et al. 2021,
+said "refused" for 49 of 80 answers, 10 of which were refusals). Contextual calibration (Zhao et al. 2021,
 "Calibrate Before Use") removes that lean: the same prompt with a content-free item ("Request: N/A", "Answer:
 N/A") gives the judge's prior over the labels, and each verdict is the label with the highest probability
-divided by that prior. One more forward pass per call. The raw probabilities and the prior are kept. The
-content-free item was chosen on the labelled set's tuning half only (docs/measure.md).
+divided by that prior. One more row per call (the item rides in the same batches as the answers). The raw
+probabilities and the prior are kept. The content-free item was chosen on the labelled set's tuning half only
+(docs/measure.md). Calibration corrects the lean; it does not make a judge see what it cannot: calibrated, the
+0.5B reference model matches the markers on refusals and finds none of the labelled evasions.
 
 The judge's accuracy against answers we labelled by reading them (tests/data/judge_labels.jsonl) is measured by
 benchmarks/bench_judge.py; the figures are in docs/measure.md.
